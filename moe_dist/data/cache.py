@@ -1,0 +1,69 @@
+"""Where prepared data lives, and preparing it on first use.
+
+data.dir = null means a cache directory derived from everything that shapes the shards
+(source, tokenizer, vocab, seq_len, split, max_docs), under $MOE_DIST_CACHE or
+~/.cache/moe_dist. Such a directory is prepared automatically the first time it is needed.
+An explicit data.dir must already hold prepared data: a typo there is an error, not a
+silent re-preparation somewhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from moe_dist.config import DataConfig
+from moe_dist.data.loader import read_manifest
+from moe_dist.data.prepare import MANIFEST, PrepareSpec, prepare
+from moe_dist.errors import DataError
+
+
+def prepare_spec(cfg: DataConfig) -> PrepareSpec:
+    return PrepareSpec(
+        source=cfg.source,
+        tokenizer=cfg.tokenizer,
+        vocab_size=cfg.vocab_size,
+        seq_len=cfg.seq_len,
+        val_fraction=cfg.val_fraction,
+        text_field=cfg.text_field,
+        max_docs=cfg.max_docs,
+        samples_per_shard=cfg.samples_per_shard,
+    )
+
+
+def cache_root() -> str:
+    return os.environ.get("MOE_DIST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "moe_dist")
+
+
+def default_data_dir(cfg: DataConfig) -> str:
+    if cfg.source == "sotu":
+        name = "sotu"
+    else:
+        src = os.path.abspath(os.path.expanduser(cfg.source))
+        name = os.path.basename(src.rstrip("/")) + "-" + hashlib.sha1(src.encode()).hexdigest()[:8]
+    vocab = f"{cfg.vocab_size}" if cfg.tokenizer == "bpe" else ""
+    parts = [name, f"{cfg.tokenizer}{vocab}", f"L{cfg.seq_len}", f"val{cfg.val_fraction:g}"]
+    if cfg.max_docs is not None:
+        parts.append(f"docs{cfg.max_docs}")
+    if cfg.text_field != "text":
+        parts.append(f"field-{cfg.text_field}")
+    parts.append(f"sps{cfg.samples_per_shard}")
+    return os.path.join(cache_root(), "data", "-".join(parts))
+
+
+def ensure_prepared(cfg: DataConfig, log=print) -> tuple[str, dict]:
+    """Return (data_dir, manifest), preparing the derived cache directory if needed."""
+    if cfg.dir is not None:
+        data_dir = os.path.expanduser(cfg.dir)
+        if not os.path.isfile(os.path.join(data_dir, MANIFEST)):
+            raise DataError(
+                f"data.dir={cfg.dir}: no {MANIFEST} there; prepare it with "
+                f"`python tools/prepare_data.py --out {cfg.dir}` or set data.dir=null"
+            )
+    else:
+        data_dir = default_data_dir(cfg)
+        if not os.path.isfile(os.path.join(data_dir, MANIFEST)):
+            log(f"preparing data.source={cfg.source} ({cfg.tokenizer}) into {data_dir} ...")
+            prepare(prepare_spec(cfg), data_dir)
+    manifest = read_manifest(data_dir)
+    return data_dir, manifest

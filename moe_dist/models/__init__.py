@@ -1,0 +1,1 @@
+"""Models: the decoder-only LM and its attention and FFN blocks."""

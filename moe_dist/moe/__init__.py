@@ -1,0 +1,1 @@
+"""Mixture-of-Experts layers: routers, dispatchers, expert weights."""

@@ -1,0 +1,35 @@
+"""Expert weights as stacked tensors [E, ...], computed with one grouped matmul per projection.
+
+Legend: N routed rows, D model dim, F expert hidden dim, H = F * hidden_multiplier.
+Stacked tensors (not a ModuleList of Linears) are what grouped GEMMs and expert-parallel
+sharding want: one parameter per projection, sliced along E.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from moe_dist.ops.activations import activation, hidden_multiplier
+from moe_dist.ops.grouped_mm import grouped_mm
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, num_experts: int, d_model: int, d_expert: int, act: str, backend: str = "auto"):
+        super().__init__()
+        self.num_experts, self.d_model, self.d_expert = num_experts, d_model, d_expert
+        self.act, self.backend = act, backend
+        self.w_in_EDH = nn.Parameter(torch.empty(num_experts, d_model, d_expert * hidden_multiplier(act)))
+        self.w_out_EFD = nn.Parameter(torch.empty(num_experts, d_expert, d_model))
+
+    def reset_parameters(self, std_in: float, std_out: float) -> None:
+        nn.init.normal_(self.w_in_EDH, std=std_in)
+        nn.init.normal_(self.w_out_EFD, std=std_out)
+
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        device_type = x_ND.device.type
+        if torch.is_autocast_enabled(device_type):
+            # grouped_mm is not an autocast op: cast to the autocast dtype ourselves.
+            x_ND = x_ND.to(torch.get_autocast_dtype(device_type))
+        h_NH = grouped_mm(x_ND, self.w_in_EDH, tokens_per_expert_E, self.backend)
+        return grouped_mm(activation(h_NH, self.act), self.w_out_EFD, tokens_per_expert_E, self.backend)

@@ -1,0 +1,1 @@
+"""Functional ops (one concept per file): grouped matmul, activations."""

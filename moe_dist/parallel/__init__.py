@@ -1,0 +1,1 @@
+"""Parallel layout: world = dp x ep, passed explicitly to whoever needs it."""

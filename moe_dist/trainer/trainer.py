@@ -1,0 +1,319 @@
+"""One-process trainer: AdamW, warmup + cosine, clipping, bf16 autocast on GPU, eval,
+metrics, TensorBoard, atomic checkpoints and exact resume.
+
+Exact resume: a checkpoint holds everything that decides the next step (parameters,
+optimizer moments and step counts, scheduler, torch/numpy/python RNG states, the data
+loader's position), and the data loaders draw from their own generators, never the global
+RNG, so a resumed run computes bit-for-bit the same steps as an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from moe_dist.config import Config, dump_config
+from moe_dist.data.cache import ensure_prepared
+from moe_dist.data.loader import build_loader, data_tokenizer, val_windows
+from moe_dist.errors import CheckpointError, ConfigError, LaunchError
+from moe_dist.models.transformer import LM, lm_loss
+from moe_dist.parallel.layout import ParallelLayout
+from moe_dist.trainer import checkpoint as ckpt
+from moe_dist.trainer.metrics import MetricsLogger
+from moe_dist.trainer.schedule import lr_factor
+
+# Config sections that must match between a checkpoint and the run resuming it.
+_MUST_MATCH = ("model", "moe")
+_MAY_DIFFER = {"moe.grouped_mm"}  # an implementation choice, not a model change
+
+
+def _fault(kind: str, step: int) -> bool:
+    """Test hook: MOE_DIST_FAULT=kill_at_step:N or kill_in_save:N SIGKILLs this process."""
+    spec = os.environ.get("MOE_DIST_FAULT", "")
+    return spec == f"{kind}:{step}"
+
+
+def _kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("run.device: cuda requested but no CUDA device is available")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _check_run_dir(run_dir: str) -> None:
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise LaunchError(f"run.dir={run_dir} is not writable: {e.strerror or e}") from None
+
+
+def _config_diff(old: dict, new: dict) -> list[str]:
+    diffs = []
+    for section in _MUST_MATCH:
+        for key in sorted(set(old.get(section, {})) | set(new.get(section, {}))):
+            full = f"{section}.{key}"
+            a, b = old.get(section, {}).get(key), new.get(section, {}).get(key)
+            if full not in _MAY_DIFFER and a != b:
+                diffs.append(f"{full}: checkpoint {a!r}, config {b!r}")
+    return diffs
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: Config, log=print):
+        self.cfg, self.log = cfg, log
+        self.layout = ParallelLayout.from_env(cfg.parallel)
+        self.run_dir = os.path.abspath(os.path.expanduser(cfg.run.dir))
+        _check_run_dir(self.run_dir)
+        self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        self.device = resolve_device(cfg)
+        use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+
+        # Resume point first: a bad checkpoint must fail before any data or model work.
+        self.resume_path = self._find_resume()
+        resume_meta = resume_state = None
+        if self.resume_path is not None:
+            resume_meta, resume_state, old_yaml = ckpt.load_checkpoint(self.resume_path)
+            diffs = _config_diff(yaml.safe_load(old_yaml), cfg.to_dict())
+            if diffs:
+                raise CheckpointError(
+                    f"checkpoint {self.resume_path} was written by a different model config: " + "; ".join(diffs)
+                )
+
+        self.data_dir, self.manifest = ensure_prepared(cfg.data, log=self.log)
+        vocab = self.manifest["vocab_size"]
+        if cfg.model.vocab_size is not None:
+            if cfg.model.vocab_size < vocab:
+                raise ConfigError(
+                    f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab} "
+                    f"({self.data_dir})"
+                )
+            vocab = cfg.model.vocab_size
+        self.vocab_size = vocab
+        n_val = val_windows(self.manifest, cfg.data.seq_len)
+        if cfg.train.eval_every > 0 and n_val < cfg.train.micro_batch_size:
+            raise ConfigError(
+                f"train.micro_batch_size={cfg.train.micro_batch_size} exceeds the {n_val} validation "
+                f"sequences in {self.data_dir}; lower it, or raise data.val_fraction"
+            )
+
+        torch.manual_seed(cfg.run.seed)
+        random.seed(cfg.run.seed)
+        np.random.seed(cfg.run.seed)
+        self.model = LM(cfg, vocab).to(self.device)
+        self.optimizer = self._build_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.optim, cfg.train.max_steps)
+        )
+        self.train_loader = build_loader(
+            self.data_dir,
+            self.manifest,
+            "train",
+            cfg.data.seq_len,
+            cfg.train.micro_batch_size,
+            rank=self.layout.rank,
+            world=self.layout.world_size,
+            seed=cfg.run.seed,
+            shuffle=cfg.data.shuffle,
+            num_workers=cfg.data.num_workers,
+            verify=cfg.data.verify_shards,
+        )
+        self.step = 0
+        if resume_state is not None:
+            self._load_state(resume_state)
+            self.log(f"resumed from {self.resume_path} (step {resume_meta['step']})")
+        dump_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        self.metrics = MetricsLogger(
+            self.run_dir, cfg.logging.tensorboard, self.step if self.resume_path else None
+        )
+
+    # -- setup -------------------------------------------------------------------------
+
+    def _find_resume(self) -> Optional[str]:
+        resume = self.cfg.train.resume
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return ckpt.latest_checkpoint(self.ckpt_dir)
+        return os.path.abspath(os.path.expanduser(resume))
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            # Matrices decay; norms, biases and embeddings (tied readout included) do not.
+            (decay if p.ndim >= 2 and "embed" not in name and "pos." not in name else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "train_loader": self.train_loader.state_dict(),
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(state["model"], strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{self.resume_path}: state does not fit this model: {e}") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_loader.load_state_dict(state["train_loader"])
+        _set_rng_state(state["rng"])
+        self.step = int(state["step"])
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    # -- loop --------------------------------------------------------------------------
+
+    def save(self) -> str:
+        before = (lambda _tmp: _kill_self()) if _fault("kill_in_save", self.step) else None
+        with open(os.path.join(self.run_dir, "config.yaml")) as f:
+            config_yaml = f.read()
+        return ckpt.save_checkpoint(
+            self.ckpt_dir, self.step, self._state(), config_yaml, self.cfg.checkpoint.keep_last, before
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over the first train.eval_batches micro-batches of the val split."""
+        c = self.cfg
+        loader = build_loader(
+            self.data_dir, self.manifest, "val", c.data.seq_len, c.train.micro_batch_size,
+            shuffle=False, verify=False, loop=False,
+        )
+        self.model.eval()
+        losses = []
+        for i, batch in enumerate(loader):
+            if i >= c.train.eval_batches:
+                break
+            batch = batch.to(self.device)
+            with self._autocast():
+                out = self.model(batch[:, :-1])
+            losses.append(lm_loss(out.logits, batch[:, 1:]).item())
+        self.model.train()
+        val_loss = float(np.mean(losses))
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    def train_step(self, batches) -> dict[str, Any]:
+        """One optimizer step over grad_accum_steps micro-batches."""
+        accum = self.cfg.train.grad_accum_steps
+        totals = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0}
+        counts, dropped, assigned = None, None, None
+        for batch in batches:
+            batch = batch.to(self.device, non_blocking=True)
+            with self._autocast():
+                out = self.model(batch[:, :-1])
+            lm = lm_loss(out.logits, batch[:, 1:])
+            aux = out.aux_loss
+            loss = lm + aux
+            (loss / accum).backward()
+            stats = torch.stack([lm.detach(), aux.detach(), loss.detach()]).tolist()
+            totals["lm_loss"] += stats[0] / accum
+            totals["aux_loss"] += stats[1] / accum
+            totals["loss"] += stats[2] / accum
+            if out.moe:
+                c = torch.stack([a.tokens_per_expert for a in out.moe])
+                d = torch.stack([a.dropped for a in out.moe])
+                counts = c if counts is None else counts + c
+                dropped = d if dropped is None else dropped + d
+                assigned = [a.assignments for a in out.moe] if assigned is None else [
+                    x + a.assignments for x, a in zip(assigned, out.moe)
+                ]
+        clip = self.cfg.optim.grad_clip
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        row = {"step": self.step, **totals, "lr": lr, "grad_norm": grad_norm.item()}
+        if counts is not None:
+            dropped_l = dropped.tolist()
+            row["dropped_frac"] = sum(dropped_l) / sum(assigned)
+            row["_moe"] = (counts.tolist(), [d / a for d, a in zip(dropped_l, assigned)])
+        return row
+
+    def fit(self) -> None:
+        c = self.cfg
+        tokens_per_step = c.train.micro_batch_size * c.data.seq_len * c.train.grad_accum_steps
+        progress = None
+        if c.logging.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=c.train.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
+        log = progress.write if progress is not None else self.log
+        data = iter(self.train_loader)
+        while self.step < c.train.max_steps:
+            t0 = time.perf_counter()
+            row = self.train_step(next(data) for _ in range(c.train.grad_accum_steps))
+            row["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
+            row["tokens"] = self.step * tokens_per_step
+            moe = row.pop("_moe", None)
+            if self.step % c.logging.log_every == 0:
+                self.metrics.log(row)
+            if moe is not None and self.step % c.logging.moe_stats_every == 0:
+                self.metrics.log_moe(self.step, *moe)
+            if progress is not None:
+                progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+                progress.update(1)
+            last = self.step == c.train.max_steps
+            if c.train.eval_every > 0 and (self.step % c.train.eval_every == 0 or last):
+                ev = self.evaluate()
+                self.metrics.log({"step": self.step, **ev})
+                log(f"step {self.step}: val_loss {ev['val_loss']:.4f}  val_ppl {ev['val_ppl']:.2f}")
+            if _fault("kill_at_step", self.step):
+                _kill_self()
+            if (c.checkpoint.every > 0 and self.step % c.checkpoint.every == 0) or (last and c.checkpoint.save_final):
+                path = self.save()
+                log(f"step {self.step}: saved checkpoint {path}")
+        if progress is not None:
+            progress.close()
+
+    def close(self) -> None:
+        self.metrics.close()

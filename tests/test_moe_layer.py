@@ -1,0 +1,153 @@
+"""The token-choice MoE layer against a naive per-token loop in float64, and degenerate cases."""
+
+import pytest
+import torch
+
+from moe_dist.config import MoEConfig
+from moe_dist.models.ffn import FFN
+from moe_dist.moe.layer import MoEFFN
+from moe_dist.moe.router import expert_capacity
+from moe_dist.ops.activations import activation
+from moe_dist.ops.grouped_mm import grouped_mm, grouped_mm_reference
+
+
+def reference_moe(x_TD, router_w, w_in, w_out, act, k, cf):
+    """Per-token loop, written from the paper's equations, independent of the layer's code."""
+    T, D = x_TD.shape
+    E = router_w.shape[0]
+    probs = torch.softmax(x_TD @ router_w.T, dim=-1)
+    choices = []  # per token: list of (expert, weight)
+    for t in range(T):
+        ranked = sorted(range(E), key=lambda e: (-probs[t, e].item(), e))[:k]
+        ws = [probs[t, e] for e in ranked]
+        if k > 1:
+            total = sum(ws)
+            ws = [w / total for w in ws]
+        choices.append(list(zip(ranked, ws)))
+    cap = expert_capacity(T, k, E, cf)
+    used = [0] * E
+    keep = [[False] * k for _ in range(T)]
+    for j in range(k):  # first choices of all tokens before any second choice
+        for t in range(T):
+            e = choices[t][j][0]
+            if cap is None or used[e] < cap:
+                used[e] += 1
+                keep[t][j] = True
+    y = torch.zeros_like(x_TD)
+    dropped = 0
+    for t in range(T):
+        for j, (e, w) in enumerate(choices[t]):
+            if not keep[t][j]:
+                dropped += 1
+                continue
+            y[t] = y[t] + w * (activation(x_TD[t] @ w_in[e], act) @ w_out[e])
+    return y, dropped
+
+
+def make_layer(E, k, cf, act="swiglu", D=12, F=10, shared=0, seed=0):
+    cfg = MoEConfig(num_experts=E, top_k=k, d_expert=F, capacity_factor=cf, num_shared_experts=shared, grouped_mm="loop")
+    torch.manual_seed(seed)
+    layer = MoEFFN(D, cfg, act).double()
+    layer.reset_parameters(0.5, 0.5)
+    return layer
+
+
+@pytest.mark.parametrize(
+    "E, k, cf, act",
+    [(4, 1, 1.0, "swiglu"), (4, 2, 1.25, "relu"), (5, 2, None, "swiglu"), (3, 3, 0.5, "gelu"), (7, 2, 0.75, "swiglu")],
+)
+def test_layer_matches_per_token_reference(E, k, cf, act):
+    layer = make_layer(E, k, cf, act)
+    x = torch.randn(2, 9, 12, dtype=torch.float64, requires_grad=True)  # T = 18, odd sizes
+    y, aux = layer(x)
+    x_ref = x.detach().clone().requires_grad_()
+    params = [layer.router.weight, layer.experts.w_in_EDH, layer.experts.w_out_EFD]
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    y_ref, dropped = reference_moe(x_ref.view(18, 12), *ref_params, act, k, cf)
+    torch.testing.assert_close(y.view(18, 12), y_ref, rtol=1e-10, atol=1e-12)
+    assert aux.dropped.item() == dropped
+    assert aux.tokens_per_expert.sum().item() == 18 * k
+    g = torch.randn_like(y_ref)
+    (y.view(18, 12) * g).sum().backward()
+    (y_ref * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_capacity_drops_counted_and_residual_zero():
+    layer = make_layer(4, 1, 0.25)
+    assert expert_capacity(18, 1, 4, 0.25) == 2  # ceil(1.125)
+    x = torch.randn(1, 18, 12, dtype=torch.float64)
+    y, aux = layer(x)
+    expected = sum(max(0, c - 2) for c in aux.tokens_per_expert.tolist())
+    assert expected > 0 and aux.dropped.item() == expected
+    zero_rows = (y.view(18, 12).abs().sum(dim=1) == 0).sum().item()
+    assert zero_rows == expected  # a dropped token gets exactly zero from the layer
+
+
+def test_one_expert_top1_equals_dense_ffn():
+    torch.manual_seed(1)
+    D, F = 16, 24
+    dense = FFN(D, F, "swiglu").double()
+    dense.reset_parameters(0.3, 0.3)
+    layer = make_layer(1, 1, None, "swiglu", D=D, F=F)
+    with torch.no_grad():
+        layer.experts.w_in_EDH[0].copy_(dense.w_in.weight.T)
+        layer.experts.w_out_EFD[0].copy_(dense.w_out.weight.T)
+    x = torch.randn(3, 5, D, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y, aux = layer(x)
+    y_dense = dense(x2)
+    torch.testing.assert_close(y, y_dense, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_dense * g).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.experts.w_in_EDH.grad[0], dense.w_in.weight.grad.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.experts.w_out_EFD.grad[0], dense.w_out.weight.grad.T, rtol=1e-12, atol=1e-12)
+    assert aux.dropped.item() == 0 and aux.tokens_per_expert.tolist() == [15]
+    torch.testing.assert_close(aux.lb_loss, torch.tensor(1.0, dtype=aux.lb_loss.dtype))
+
+
+def test_shared_experts_add_a_dense_ffn():
+    layer = make_layer(4, 2, None, shared=2)
+    x = torch.randn(1, 6, 12, dtype=torch.float64)
+    y, _ = layer(x)
+    layer_no_shared = make_layer(4, 2, None, shared=0)
+    layer_no_shared.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("shared")})
+    y_routed, _ = layer_no_shared(x)
+    torch.testing.assert_close(y, y_routed + layer.shared(x))
+    assert layer.shared.w_out.in_features == 2 * 10
+
+
+def test_all_tokens_dropped_gives_zero_output_and_grads():
+    layer = make_layer(4, 1, 1e-9)  # capacity ceil(tiny) = 1: force with a skewed router
+    with torch.no_grad():
+        layer.router.weight.zero_()
+    x = torch.randn(1, 5, 12, dtype=torch.float64, requires_grad=True)
+    y, aux = layer(x)  # all ties -> expert 0, capacity 1 -> 4 of 5 dropped
+    assert aux.dropped.item() == 4 and aux.tokens_per_expert.tolist() == [5, 0, 0, 0]
+    y.sum().backward()
+    assert layer.experts.w_in_EDH.grad[1:].abs().sum().item() == 0  # experts without tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_grouped_mm_backends_agree(dtype):
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 1, 0, 7])
+    x = torch.randn(int(counts.sum()), 16, dtype=dtype, requires_grad=True)
+    w = torch.randn(6, 16, 24, dtype=dtype, requires_grad=True)
+    ref = grouped_mm_reference(x.double(), w.double(), counts)
+    for backend in ("loop", "torch"):
+        xb, wb = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        y = grouped_mm(xb, wb, counts, backend)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+        torch.testing.assert_close(y.double(), ref, **tol)
+        y.sum().backward()  # stride-0 incoming gradient: the case torch._grouped_mm rejects
+        assert wb.grad[1].abs().sum().item() == 0 and xb.grad.shape == x.shape
+
+
+def test_grouped_mm_torch_backend_refuses_unaligned():
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        grouped_mm(torch.randn(3, 6), torch.randn(2, 6, 5), torch.tensor([1, 2]), "torch")

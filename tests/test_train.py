@@ -1,0 +1,137 @@
+"""End-to-end training: the loss falls, runs resume exactly after SIGKILL, bad input is named."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY
+from moe_dist.config import load_config
+from moe_dist.train import main
+from moe_dist.trainer.checkpoint import latest_checkpoint, list_checkpoints
+from moe_dist.trainer.trainer import Trainer
+
+TIMING = {"tokens_per_s"}  # wall-clock fields cannot repeat bit for bit
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def strip_timing(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_tiny_training_loss_falls(tmp_path):
+    run = tmp_path / "run"
+    cfg = load_config(None, TINY + [f"run.dir={run}", "train.max_steps=60", "train.eval_every=30", "checkpoint.every=30"])
+    trainer = Trainer(cfg, log=lambda *_: None)
+    trainer.fit()
+    trainer.close()
+    rows = read_metrics(run)
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 61))
+    for key in ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "dropped_frac"):
+        assert key in train_rows[0]
+    first = sum(r["lm_loss"] for r in train_rows[:5]) / 5
+    last = sum(r["lm_loss"] for r in train_rows[-5:]) / 5
+    assert first > math.log(512) - 0.5  # starts near uniform over the 512-token vocabulary
+    assert last < first - 0.6, (first, last)  # measured: 6.23 -> 5.33
+    assert [r["step"] for r in eval_rows] == [30, 60]
+    assert eval_rows[1]["val_loss"] < eval_rows[0]["val_loss"]
+    assert eval_rows[1]["val_ppl"] == pytest.approx(math.exp(eval_rows[1]["val_loss"]))
+    # Two MoE layers x top-2 x (4 sequences x 32 tokens): aux loss is ~2 * (0.01 + z) at start.
+    assert 0.0 < train_rows[0]["aux_loss"] < 0.1
+    assert list_checkpoints(run / "checkpoints") == [30, 60]
+    assert (run / "config.yaml").exists()
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tb"))
+
+
+def run_cli(run_dir, *extra, fault=None, steps=16):
+    env = dict(os.environ)
+    env.pop("MOE_DIST_FAULT", None)
+    if fault:
+        env["MOE_DIST_FAULT"] = fault
+    args = TINY + [
+        f"run.dir={run_dir}", f"train.max_steps={steps}", "train.eval_every=6", "checkpoint.every=4",
+        "checkpoint.keep_last=0", "model.dropout=0.1", "train.resume=auto", *extra,
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "moe_dist.train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+    ref = run_cli(tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    expected = strip_timing(read_metrics(tmp_path / "ref"))
+    assert len([r for r in expected if "loss" in r]) == 16
+
+    # Killed right after step 10 (checkpoints at 4 and 8): steps 9-10 are logged, then lost.
+    run = tmp_path / "killed"
+    p = run_cli(run, fault="kill_at_step:10")
+    assert p.returncode == -signal.SIGKILL
+    assert read_metrics(run)[-1]["step"] == 10 and list_checkpoints(run / "checkpoints") == [4, 8]
+    p = run_cli(run)
+    assert p.returncode == 0, p.stderr
+    assert "resumed from" in p.stdout and "step_00000008" in p.stdout
+    assert strip_timing(read_metrics(run)) == expected  # bitwise: floats compared exactly
+
+    # Killed during the save of step 12, after its files were written but before the rename.
+    run = tmp_path / "killed_in_save"
+    p = run_cli(run, fault="kill_in_save:12")
+    assert p.returncode == -signal.SIGKILL
+    ckpts = run / "checkpoints"
+    assert list_checkpoints(ckpts) == [4, 8]
+    assert any(n.startswith(".tmp-step_00000012") for n in os.listdir(ckpts))
+    assert latest_checkpoint(str(ckpts)).endswith("step_00000008")
+    p = run_cli(run)
+    assert p.returncode == 0, p.stderr
+    assert strip_timing(read_metrics(run)) == expected
+    assert not any(n.startswith(".tmp-") for n in os.listdir(ckpts))
+
+
+def test_cli_bad_config_exits_2_with_named_key(tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "moe_dist.train", "--config", "configs/quickstart.yaml", "model.d_model=abc"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert p.returncode == 2
+    assert p.stderr.strip() == (
+        "error: configs/quickstart.yaml + command-line overrides: model.d_model: expected an integer, got 'abc'"
+    )
+
+
+def test_unwritable_run_dir(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(TINY + [f"run.dir={blocker}/run"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: run.dir={blocker}/run is not writable" in err
+
+
+def test_explicit_data_dir_must_exist(tmp_path, capsys):
+    assert main(TINY + [f"run.dir={tmp_path}/run", f"data.dir={tmp_path}/nodata"]) == 2
+    assert f"error: data.dir={tmp_path}/nodata: no manifest.json there" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_model_and_corrupt_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    base = TINY + [f"run.dir={run}", "train.max_steps=4", "train.eval_every=0", "checkpoint.every=2"]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main(base + ["train.resume=auto", "model.d_model=64", "train.max_steps=6"]) == 2
+    err = capsys.readouterr().err
+    assert "was written by a different model config: model.d_model: checkpoint 32, config 64" in err
+    state = run / "checkpoints" / "step_00000004" / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    assert main(base + ["train.resume=auto", "train.max_steps=6"]) == 2
+    assert f"error: corrupt checkpoint file {state}: sha256 differs from meta.json" in capsys.readouterr().err
