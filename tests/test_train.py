@@ -50,7 +50,20 @@ def test_tiny_training_loss_falls(tmp_path):
     assert 0.0 < train_rows[0]["aux_loss"] < 0.1
     assert list_checkpoints(run / "checkpoints") == [30, 60]
     assert (run / "config.yaml").exists()
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tb"))
+    # TensorBoard: every logged scalar, and per MoE layer the expert histogram every 10 steps.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "histograms": 0})
+    ea.Reload()
+    losses = [e.value for e in ea.Scalars("train/loss")]
+    assert losses == pytest.approx([r["loss"] for r in train_rows])
+    assert [e.step for e in ea.Scalars("eval/val_loss")] == [30, 60]
+    for layer in (0, 1):
+        hist = ea.Histograms(f"moe/layer{layer}/tokens_per_expert")
+        assert [h.step for h in hist] == [10, 20, 30, 40, 50, 60]
+        # 4 sequences x 32 tokens x top-2 assignments, over the 4 expert buckets
+        assert sum(hist[-1].histogram_value.bucket) == 4 * 32 * 2
+        assert len(ea.Scalars(f"moe/layer{layer}/dropped_frac")) == 6
 
 
 def run_cli(run_dir, *extra, fault=None, steps=16):
