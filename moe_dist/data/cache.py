@@ -14,21 +14,8 @@ import os
 
 from moe_dist.config import DataConfig
 from moe_dist.data.loader import read_manifest
-from moe_dist.data.prepare import MANIFEST, PrepareSpec, prepare
+from moe_dist.data.prepare import MANIFEST, prepare
 from moe_dist.errors import DataError
-
-
-def prepare_spec(cfg: DataConfig) -> PrepareSpec:
-    return PrepareSpec(
-        source=cfg.source,
-        tokenizer=cfg.tokenizer,
-        vocab_size=cfg.vocab_size,
-        seq_len=cfg.seq_len,
-        val_fraction=cfg.val_fraction,
-        text_field=cfg.text_field,
-        max_docs=cfg.max_docs,
-        samples_per_shard=cfg.samples_per_shard,
-    )
 
 
 def cache_root() -> str:
@@ -64,6 +51,6 @@ def ensure_prepared(cfg: DataConfig, log=print) -> tuple[str, dict]:
         data_dir = default_data_dir(cfg)
         if not os.path.isfile(os.path.join(data_dir, MANIFEST)):
             log(f"preparing data.source={cfg.source} ({cfg.tokenizer}) into {data_dir} ...")
-            prepare(prepare_spec(cfg), data_dir)
+            prepare(cfg, data_dir)
     manifest = read_manifest(data_dir)
     return data_dir, manifest

