@@ -45,11 +45,22 @@ class ModelConfig:
     n_layers: int = 4
     """Number of transformer blocks."""
     n_heads: int = 4
-    """Attention heads; must divide d_model."""
+    """Attention heads (per layer; SwitchHead uses few, e.g. 2-4)."""
+    head_dim: Optional[int] = None
+    """Per-head width; null = d_model / n_heads (which must then divide)."""
     d_ff: int = 512
     """Hidden size of the dense FFN (layers without MoE, and model.ffn=dense)."""
-    ffn: Literal["dense", "moe"] = "moe"
-    """What fills the FFN slot: a dense FFN or a token-choice MoE FFN (see moe.*)."""
+    ffn: Literal["dense", "moe", "sigma_moe", "slice_moe"] = "moe"
+    """FFN slot: dense; moe = softmax token-choice (Switch/GShard); sigma_moe = sigmoid
+    top-k, no renormalisation (sigma-MoE/MoEUT); slice_moe = SliceMoE. See moe.*."""
+    attention: Literal["mha", "switchhead"] = "mha"
+    """Attention: multi-head, or SwitchHead (MoE value/output projections, see attention.*)."""
+    norm: Literal["pre", "peri"] = "pre"
+    """pre = layernorm before every sublayer; peri = MoEUT's peri-layernorm: layernorm only
+    on the inputs of sigmoid/softmax (routers, Q and K, readout), never on values or FFN inputs."""
+    group_size: Optional[int] = None
+    """MoEUT layer grouping: G distinct layers repeated n_layers/G times (A B A B ...);
+    null = every layer distinct."""
     activation: Literal["swiglu", "relu", "gelu"] = "swiglu"
     """FFN and expert activation: swiglu = W_down(silu(W_gate x) * W_up x)."""
     positions: Literal["rope", "learned"] = "rope"
@@ -70,11 +81,12 @@ class ModelConfig:
         for key in ("d_model", "n_layers", "n_heads", "d_ff"):
             _require(getattr(self, key) >= 1, f"model.{key}", "must be >= 1")
         _require(
-            self.d_model % self.n_heads == 0,
+            self.head_dim is not None or self.d_model % self.n_heads == 0,
             "model.d_model",
-            f"d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}",
+            f"d_model={self.d_model} is not divisible by model.n_heads={self.n_heads} (or set model.head_dim)",
         )
-        head_dim = self.d_model // self.n_heads
+        _require(self.head_dim is None or self.head_dim >= 1, "model.head_dim", "must be >= 1")
+        head_dim = self.head_dim or self.d_model // self.n_heads
         _require(
             self.positions != "rope" or head_dim % 2 == 0,
             "model.n_heads",
@@ -84,6 +96,11 @@ class ModelConfig:
         _require(self.init_std > 0, "model.init_std", "must be > 0")
         _require(self.rope_base > 1, "model.rope_base", "must be > 1")
         _require(self.norm_eps > 0, "model.norm_eps", "must be > 0")
+        _require(
+            self.group_size is None or (self.group_size >= 1 and self.n_layers % self.group_size == 0),
+            "model.group_size",
+            f"G={self.group_size} must be >= 1 and divide model.n_layers={self.n_layers}",
+        )
 
 
 @dataclass
@@ -108,6 +125,23 @@ class MoEConfig:
     """Multiplies the init std of expert weights (Switch Transformer uses 0.1)."""
     grouped_mm: Literal["auto", "torch", "loop"] = "auto"
     """Local expert compute: torch._grouped_mm, a per-expert loop, or auto (see ops/grouped_mm)."""
+    entropy_loss_weight: float = 0.0
+    """sigma-MoE/MoEUT entropy regulariser weight: sum_e p_e log p_e of the batch-mean router
+    softmax, pooled over all repeats of a shared layer."""
+    expert_dropout: float = 0.0
+    """Training only: each (token, expert) is excluded from selection with this probability."""
+    bias_update_rate: float = 0.0
+    """Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the selection scores
+    only, moved by this rate toward balance after every step; 0 = off."""
+    num_slices: int = 8
+    """SliceMoE: S contiguous slices of the hidden vector, each routed on its own."""
+    slice_router_hidden: int = 256
+    """SliceMoE: hidden width of the shared slice router MLP (d/S -> hidden -> E)."""
+    slice_cap_loss_weight: float = 0.01
+    """SliceMoE: alpha of the slice capacity loss alpha * CV^2 of per-expert slice loads."""
+    slice_dropout: float = 0.0
+    """SliceMoE cross-slice dropout: training only, drop each of a slice's top-k weights with
+    this probability (never all) and renormalise the survivors to sum 1."""
 
     @property
     def dropless(self) -> bool:
@@ -132,6 +166,36 @@ class MoEConfig:
         _require(self.lb_loss_weight >= 0, "moe.lb_loss_weight", "must be >= 0")
         _require(self.z_loss_weight >= 0, "moe.z_loss_weight", "must be >= 0")
         _require(self.expert_init_scale > 0, "moe.expert_init_scale", "must be > 0")
+        _require(self.entropy_loss_weight >= 0, "moe.entropy_loss_weight", "must be >= 0")
+        _require(0 <= self.expert_dropout < 1, "moe.expert_dropout", "must be in [0, 1)")
+        _require(self.bias_update_rate >= 0, "moe.bias_update_rate", "must be >= 0")
+        _require(self.num_slices >= 1, "moe.num_slices", "must be >= 1")
+        _require(self.slice_router_hidden >= 1, "moe.slice_router_hidden", "must be >= 1")
+        _require(self.slice_cap_loss_weight >= 0, "moe.slice_cap_loss_weight", "must be >= 0")
+        _require(0 <= self.slice_dropout < 1, "moe.slice_dropout", "must be in [0, 1)")
+
+
+@dataclass
+class AttentionConfig:
+    num_experts: int = 4
+    """SwitchHead: value and output experts per head."""
+    top_k: int = 2
+    """SwitchHead: experts selected per head, on the source and on the destination side."""
+    entropy_loss_weight: float = 0.0
+    """Entropy regulariser on the gates (the SwitchHead paper uses none; MoEUT may)."""
+    bias_update_rate: float = 0.0
+    """Aux-loss-free balancing of the gates (see moe.bias_update_rate); 0 = off."""
+
+    def validate(self) -> None:
+        _require(self.num_experts >= 1, "attention.num_experts", "must be >= 1")
+        _require(self.top_k >= 1, "attention.top_k", "must be >= 1")
+        _require(
+            self.top_k <= self.num_experts,
+            "attention.top_k",
+            f"top_k={self.top_k} exceeds attention.num_experts={self.num_experts}",
+        )
+        _require(self.entropy_loss_weight >= 0, "attention.entropy_loss_weight", "must be >= 0")
+        _require(self.bias_update_rate >= 0, "attention.bias_update_rate", "must be >= 0")
 
 
 @dataclass
@@ -273,6 +337,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -283,6 +348,13 @@ class Config:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        m, moe = self.model, self.moe
+        if m.ffn == "slice_moe":
+            _require(
+                m.d_model % moe.num_slices == 0,
+                "moe.num_slices",
+                f"S={moe.num_slices} does not divide model.d_model={m.d_model}",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

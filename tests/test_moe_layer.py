@@ -11,16 +11,18 @@ from moe_dist.ops.activations import activation
 from moe_dist.ops.grouped_mm import grouped_mm, grouped_mm_reference
 
 
-def reference_moe(x_TD, router_w, w_in, w_out, act, k, cf):
-    """Per-token loop, written from the paper's equations, independent of the layer's code."""
+def reference_moe(x_TD, router_w, w_in, w_out, act, k, cf, score="softmax"):
+    """Per-token loop, written from the papers' equations, independent of the layer's code.
+    softmax: Switch/GShard (k >= 2 renormalised); sigmoid: sigma-MoE (raw scores)."""
     T, D = x_TD.shape
     E = router_w.shape[0]
-    probs = torch.softmax(x_TD @ router_w.T, dim=-1)
+    logits = x_TD @ router_w.T
+    probs = torch.softmax(logits, dim=-1) if score == "softmax" else torch.sigmoid(logits)
     choices = []  # per token: list of (expert, weight)
     for t in range(T):
         ranked = sorted(range(E), key=lambda e: (-probs[t, e].item(), e))[:k]
         ws = [probs[t, e] for e in ranked]
-        if k > 1:
+        if k > 1 and score == "softmax":
             total = sum(ws)
             ws = [w / total for w in ws]
         choices.append(list(zip(ranked, ws)))
@@ -107,7 +109,9 @@ def test_one_expert_top1_equals_dense_ffn():
     torch.testing.assert_close(layer.experts.w_in_EDH.grad[0], dense.w_in.weight.grad.T, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer.experts.w_out_EFD.grad[0], dense.w_out.weight.grad.T, rtol=1e-12, atol=1e-12)
     assert aux.dropped.item() == 0 and aux.tokens_per_expert.tolist() == [15]
-    torch.testing.assert_close(aux.lb_loss, torch.tensor(1.0, dtype=aux.lb_loss.dtype))
+    # One expert: LB loss is exactly 1 (alpha = 0.01); z-loss is the mean squared logit.
+    logits = layer.router(x.detach().view(15, D))
+    torch.testing.assert_close(aux.loss, (0.01 + 0.001 * logits.square().mean()).float())
 
 
 def test_shared_experts_add_a_dense_ffn():

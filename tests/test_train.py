@@ -59,11 +59,11 @@ def test_tiny_training_loss_falls(tmp_path):
     assert losses == pytest.approx([r["loss"] for r in train_rows])
     assert [e.step for e in ea.Scalars("eval/val_loss")] == [30, 60]
     for layer in (0, 1):
-        hist = ea.Histograms(f"moe/layer{layer}/tokens_per_expert")
+        hist = ea.Histograms(f"moe/L{layer:02d}_ffn/tokens_per_expert")
         assert [h.step for h in hist] == [10, 20, 30, 40, 50, 60]
         # 4 sequences x 32 tokens x top-2 assignments, over the 4 expert buckets
         assert sum(hist[-1].histogram_value.bucket) == 4 * 32 * 2
-        assert len(ea.Scalars(f"moe/layer{layer}/dropped_frac")) == 6
+        assert len(ea.Scalars(f"moe/L{layer:02d}_ffn/dropped_frac")) == 6
 
 
 def run_cli(run_dir, *extra, fault=None, steps=16):

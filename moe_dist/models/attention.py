@@ -1,9 +1,14 @@
 """Causal multi-head self-attention with rotary positions.
 
-Legend: B batch, S sequence, H heads, Dh head dim, D = H * Dh.
+Legend: B batch, S sequence, H heads, Dh head dim, D model dim.
+
+forward(x, x_route=None): Q and K read x_route, V reads x. With pre-layernorm both are the
+normalised input; with MoEUT's peri-layernorm only x_route (the input of the softmax) is.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -21,35 +26,52 @@ def apply_rope(x_BHSDh: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     """Rotate pairs (x[2i], x[2i+1]) by position-dependent angles (RoFormer)."""
     S = x_BHSDh.shape[2]
     x1, x2 = x_BHSDh.float()[..., 0::2], x_BHSDh.float()[..., 1::2]
-    c, s = cos[:S], sin[:S]
+    c, s = cos[:S].to(x1.dtype), sin[:S].to(x1.dtype)
     out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
     return out.to(x_BHSDh.dtype)
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, max_seq_len: int, rope: bool, rope_base: float, dropout: float):
+class RotaryQK(nn.Module):
+    """Q and K projections (dense, one per head) with rotary positions; shared by MHA and SwitchHead."""
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, max_seq_len: int, rope: bool, rope_base: float):
         super().__init__()
-        self.n_heads, self.head_dim = n_heads, d_model // n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.out = nn.Linear(d_model, d_model, bias=False)
-        self.dropout = dropout
-        self.rope = rope
+        self.n_heads, self.head_dim, self.rope = n_heads, head_dim, rope
+        self.qk = nn.Linear(d_model, 2 * n_heads * head_dim, bias=False)
         if rope:
-            cos, sin = rope_tables(max_seq_len, self.head_dim, rope_base)
+            cos, sin = rope_tables(max_seq_len, head_dim, rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
-    def reset_parameters(self, std: float, std_out: float) -> None:
-        nn.init.normal_(self.qkv.weight, std=std)
-        nn.init.normal_(self.out.weight, std=std_out)
-
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, k), each [B, H, S, Dh]."""
+        B, S, _ = x_BSD.shape
+        q, k = self.qk(x_BSD).view(B, S, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.rope:
             q = apply_rope(q, self.rope_cos, self.rope_sin)
             k = apply_rope(k, self.rope_cos, self.rope_sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.out(y.transpose(1, 2).reshape(B, S, D))
+        return q, k
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(
+        self, d_model: int, n_heads: int, head_dim: int, max_seq_len: int, rope: bool, rope_base: float, dropout: float
+    ):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.qk = RotaryQK(d_model, n_heads, head_dim, max_seq_len, rope, rope_base)
+        self.v = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.out = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.dropout = dropout
+
+    def reset_parameters(self, std: float, std_out: float) -> None:
+        nn.init.normal_(self.qk.qk.weight, std=std)
+        nn.init.normal_(self.v.weight, std=std)
+        nn.init.normal_(self.out.weight, std=std_out)
+
+    def forward(self, x_BSD: torch.Tensor, x_route_BSD: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q, k = self.qk(x_BSD if x_route_BSD is None else x_route_BSD)
+        v = self.v(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))

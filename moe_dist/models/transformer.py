@@ -1,11 +1,19 @@
-"""Decoder-only language model whose FFN slot holds a dense FFN or an MoE FFN.
+"""Decoder-only language model: the attention slot holds MHA or SwitchHead; the FFN slot a
+dense FFN, a token-choice MoE (softmax or sigma-MoE sigmoid routing) or SliceMoE.
 
 Legend: B batch, S sequence, D model dim, V vocabulary.
 
-Pre-layernorm blocks: x + attn(ln(x)), then x + ffn(ln(x)). forward returns the logits and
-the list of MoE auxiliaries (one per MoE layer); `aux_loss` sums their weighted losses.
-The model is single-device code: expert parallelism comes in through the dispatcher given to
-each MoE layer, never through globals.
+Norm placement (model.norm):
+  pre  - x + attn(ln(x)), x + ffn(ln(x)).
+  peri - MoEUT's peri-layernorm: layernorm only on the inputs of sigmoid/softmax. Q, K and
+         the routers read ln(x); values and expert inputs read x itself, so the residual is
+         not rescaled at every repeat. The readout reads ln(x) in both modes.
+Layer grouping (model.group_size = G, MoEUT): G distinct blocks applied in the order
+A B ... A B ..., n_layers / G times. Each application returns its own routing statistics;
+the entropy regulariser pools them per block (moe/aux.py).
+
+forward returns the logits and the list of routing auxiliaries in depth order. The model is
+single-device code: expert parallelism comes in through the dispatchers, never globals.
 """
 
 from __future__ import annotations
@@ -20,7 +28,11 @@ import torch.nn.functional as F
 from moe_dist.config import Config
 from moe_dist.models.attention import CausalSelfAttention
 from moe_dist.models.ffn import FFN
-from moe_dist.moe.layer import MoEAux, MoEFFN
+from moe_dist.models.switchhead import SwitchHeadAttention
+from moe_dist.moe.aux import MoEAux, total_aux_loss
+from moe_dist.moe.balance import update_balance_biases
+from moe_dist.moe.layer import MoEFFN
+from moe_dist.moe.slice_layer import SliceMoEFFN
 
 
 @dataclass
@@ -28,40 +40,64 @@ class LMOutput:
     logits: torch.Tensor
     """[B, S, V] in the compute dtype."""
     moe: list[MoEAux] = field(default_factory=list)
-    """One entry per MoE layer, in depth order."""
+    """One entry per routed call (FFN, attention source/destination), in depth order."""
 
     @property
     def aux_loss(self) -> torch.Tensor:
-        if not self.moe:
-            return self.logits.new_zeros((), dtype=torch.float32)
-        return torch.stack([a.loss for a in self.moe]).sum()
+        return total_aux_loss(self.moe).to(self.logits.device)
 
 
 def is_moe_layer(cfg: Config, layer: int) -> bool:
-    return cfg.model.ffn == "moe" and (layer + 1) % cfg.moe.every == 0
+    return cfg.model.ffn != "dense" and (layer + 1) % cfg.moe.every == 0
+
+
+def head_dim(cfg: Config) -> int:
+    return cfg.model.head_dim or cfg.model.d_model // cfg.model.n_heads
+
+
+def build_ffn(cfg: Config, layer: int) -> nn.Module:
+    m = cfg.model
+    if not is_moe_layer(cfg, layer):
+        return FFN(m.d_model, m.d_ff, m.activation)
+    if m.ffn == "slice_moe":
+        return SliceMoEFFN(m.d_model, cfg.moe, m.activation)
+    return MoEFFN(m.d_model, cfg.moe, m.activation, score="sigmoid" if m.ffn == "sigma_moe" else "softmax")
+
+
+def build_attention(cfg: Config) -> nn.Module:
+    m = cfg.model
+    args = (m.d_model, m.n_heads, head_dim(cfg), cfg.data.seq_len, m.positions == "rope", m.rope_base, m.dropout)
+    if m.attention == "switchhead":
+        return SwitchHeadAttention(*args, cfg.attention, backend=cfg.moe.grouped_mm)
+    return CausalSelfAttention(*args)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
         m = cfg.model
+        self.peri = m.norm == "peri"
         self.ln_attn = nn.LayerNorm(m.d_model, eps=m.norm_eps)
-        self.attn = CausalSelfAttention(
-            m.d_model, m.n_heads, cfg.data.seq_len, m.positions == "rope", m.rope_base, m.dropout
-        )
+        self.attn = build_attention(cfg)
         self.ln_ffn = nn.LayerNorm(m.d_model, eps=m.norm_eps)
-        self.is_moe = is_moe_layer(cfg, layer)
-        self.ffn = MoEFFN(m.d_model, cfg.moe, m.activation) if self.is_moe else FFN(m.d_model, m.d_ff, m.activation)
+        self.ffn = build_ffn(cfg, layer)
+        self.routed_ffn = not isinstance(self.ffn, FFN)
         self.drop = nn.Dropout(m.dropout)
 
     def forward(self, x_BSD: torch.Tensor, moe_aux: list[MoEAux]) -> torch.Tensor:
-        x_BSD = x_BSD + self.drop(self.attn(self.ln_attn(x_BSD)))
+        h = self.ln_attn(x_BSD)
+        y = self.attn(x_BSD, h) if self.peri else self.attn(h, h)
+        if isinstance(y, tuple):
+            y, auxes = y
+            moe_aux.extend(auxes)
+        x_BSD = x_BSD + self.drop(y)
         h = self.ln_ffn(x_BSD)
-        if self.is_moe:
-            y, aux = self.ffn(h)
+        if self.routed_ffn:
+            y, aux = self.ffn(x_BSD, h) if self.peri else self.ffn(h, h)
             moe_aux.append(aux)
         else:
-            y = self.ffn(h)
+            # A dense FFN has no sigmoid/softmax input: under peri-LN it reads x unnormalised.
+            y = self.ffn(x_BSD if self.peri else h)
         return x_BSD + self.drop(y)
 
 
@@ -73,7 +109,9 @@ class LM(nn.Module):
         self.embed = nn.Embedding(vocab_size, m.d_model)
         self.pos = nn.Embedding(cfg.data.seq_len, m.d_model) if m.positions == "learned" else None
         self.drop = nn.Dropout(m.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(m.n_layers))
+        n_distinct = m.group_size or m.n_layers
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(n_distinct))
+        self.layer_order = [i % n_distinct for i in range(m.n_layers)]
         self.ln_out = nn.LayerNorm(m.d_model, eps=m.norm_eps)
         self.readout = nn.Linear(m.d_model, vocab_size, bias=False)
         if m.tie_embeddings:
@@ -82,7 +120,8 @@ class LM(nn.Module):
 
     def reset_parameters(self) -> None:
         std = self.cfg.model.init_std
-        # GPT-2: projections that write into the residual stream are scaled by 1/sqrt(2L).
+        # GPT-2: projections that write into the residual stream are scaled by 1/sqrt(2L),
+        # L the applied depth (a shared block writes n_layers/G times).
         std_out = std / math.sqrt(2 * self.cfg.model.n_layers)
         nn.init.normal_(self.embed.weight, std=std)
         if self.pos is not None:
@@ -100,9 +139,16 @@ class LM(nn.Module):
             x = x + self.pos(torch.arange(S, device=idx_BS.device))
         x = self.drop(x)
         moe_aux: list[MoEAux] = []
-        for block in self.blocks:
-            x = block(x, moe_aux)
+        for depth, i in enumerate(self.layer_order):
+            start = len(moe_aux)
+            x = self.blocks[i](x, moe_aux)
+            for aux in moe_aux[start:]:
+                aux.layer = depth
         return LMOutput(self.readout(self.ln_out(x)), moe_aux)
+
+    def update_balance_biases(self) -> None:
+        """Aux-loss-free balancing: move every router's selection bias (once per step)."""
+        update_balance_biases(self)
 
 
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:

@@ -15,16 +15,26 @@ from moe_dist.ops.grouped_mm import grouped_mm
 
 
 class GroupedExperts(nn.Module):
-    def __init__(self, num_experts: int, d_model: int, d_expert: int, act: str, backend: str = "auto"):
+    """E expert FFNs y = W_out act(W_in x [+ b_in]) [+ b_out] (SliceMoE's experts have biases)."""
+
+    def __init__(
+        self, num_experts: int, d_model: int, d_expert: int, act: str, backend: str = "auto", bias: bool = False
+    ):
         super().__init__()
         self.num_experts, self.d_model, self.d_expert = num_experts, d_model, d_expert
         self.act, self.backend = act, backend
-        self.w_in_EDH = nn.Parameter(torch.empty(num_experts, d_model, d_expert * hidden_multiplier(act)))
+        H = d_expert * hidden_multiplier(act)
+        self.w_in_EDH = nn.Parameter(torch.empty(num_experts, d_model, H))
         self.w_out_EFD = nn.Parameter(torch.empty(num_experts, d_expert, d_model))
+        self.b_in_EH = nn.Parameter(torch.zeros(num_experts, H)) if bias else None
+        self.b_out_ED = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
 
     def reset_parameters(self, std_in: float, std_out: float) -> None:
         nn.init.normal_(self.w_in_EDH, std=std_in)
         nn.init.normal_(self.w_out_EFD, std=std_out)
+        if self.b_in_EH is not None:
+            nn.init.zeros_(self.b_in_EH)
+            nn.init.zeros_(self.b_out_ED)
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         device_type = x_ND.device.type
@@ -32,4 +42,12 @@ class GroupedExperts(nn.Module):
             # grouped_mm is not an autocast op: cast to the autocast dtype ourselves.
             x_ND = x_ND.to(torch.get_autocast_dtype(device_type))
         h_NH = grouped_mm(x_ND, self.w_in_EDH, tokens_per_expert_E, self.backend)
-        return grouped_mm(activation(h_NH, self.act), self.w_out_EFD, tokens_per_expert_E, self.backend)
+        if self.b_in_EH is None:
+            return grouped_mm(activation(h_NH, self.act), self.w_out_EFD, tokens_per_expert_E, self.backend)
+        # Expert id of each row; output_size avoids a host sync.
+        expert_N = torch.repeat_interleave(
+            torch.arange(self.num_experts, device=x_ND.device), tokens_per_expert_E, output_size=x_ND.shape[0]
+        )
+        h_NH = h_NH + self.b_in_EH[expert_N].to(h_NH.dtype)
+        y_ND = grouped_mm(activation(h_NH, self.act), self.w_out_EFD, tokens_per_expert_E, self.backend)
+        return y_ND + self.b_out_ED[expert_N].to(y_ND.dtype)

@@ -1,6 +1,6 @@
-"""Token-choice softmax top-k routing, expert capacity, and the balancing losses.
+"""Top-k routing (softmax or sigmoid scores), expert capacity, and the balancing losses.
 
-Legend: T tokens, E experts, K top-k.
+Legend: T routed rows (tokens, or (token, slice) pairs), E experts, K top-k.
 
 All router math is float32 whatever the compute dtype (Switch Transformer's "selective
 precision"): the caller passes float32 logits.
@@ -33,16 +33,40 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     return math.ceil(round(num_tokens * top_k / num_experts * capacity_factor, 9))
 
 
-def topk_softmax(logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (expert_TK, weight_TK, probs_TE); ties to the lower expert index."""
+def route_topk(
+    logits_TE: torch.Tensor,
+    top_k: int,
+    score: str = "softmax",
+    select_bias_E: Optional[torch.Tensor] = None,
+    exclude_TE: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k routing. Returns (expert_TK, weight_TK, probs_TE).
+
+    score="softmax": s = softmax(logits); k >= 2 renormalises the k weights (GShard).
+    score="sigmoid": s = sigmoid(logits); weights are the raw scores (sigma-MoE, SwitchHead).
+    select_bias_E (aux-loss-free balancing) and exclude_TE (expert dropout: True = not
+    selectable) change which experts are selected, never the weights.
+    probs_TE is softmax(logits) for both scores: the distribution the balancing losses use.
+    """
     probs_TE = torch.softmax(logits_TE, dim=-1)
+    scores_TE = probs_TE if score == "softmax" else torch.sigmoid(logits_TE)
+    select_TE = scores_TE.detach()
+    if select_bias_E is not None:
+        select_TE = select_TE + select_bias_E
+    if exclude_TE is not None:
+        select_TE = select_TE.masked_fill(exclude_TE, float("-inf"))
     # A stable descending sort fixes the tie rule; torch.topk leaves it unspecified.
-    _, order_TE = torch.sort(probs_TE, dim=-1, descending=True, stable=True)
+    _, order_TE = torch.sort(select_TE, dim=-1, descending=True, stable=True)
     expert_TK = order_TE[:, :top_k]
-    weight_TK = probs_TE.gather(1, expert_TK)
-    if top_k > 1:
+    weight_TK = scores_TE.gather(1, expert_TK)
+    if score == "softmax" and top_k > 1:
         weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
     return expert_TK, weight_TK, probs_TE
+
+
+def topk_softmax(logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax top-k routing: (expert_TK, weight_TK, probs_TE); ties to the lower expert index."""
+    return route_topk(logits_TE, top_k, "softmax")
 
 
 def position_in_expert(expert_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -83,3 +107,17 @@ def switch_load_balancing_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor) 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """mean over tokens of logsumexp(logits)^2 (ST-MoE), unweighted."""
     return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+def entropy_regularizer(probs_sum_E: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """sum_e p_e log p_e of the mean routing distribution p = probs_sum / rows (sigma-MoE).
+    Minimising it maximises the entropy of the average selection: balanced use. It is -log E
+    at perfect balance and 0 when one expert takes everything."""
+    p_E = probs_sum_E / num_rows
+    return torch.sum(p_E * torch.log(p_E.clamp_min(1e-30)))
+
+
+def cv_squared(load_E: torch.Tensor) -> torch.Tensor:
+    """(std / mean)^2 of per-expert loads, population std (SliceMoE's capacity loss)."""
+    mean = load_E.mean()
+    return load_E.var(correction=0) / mean.square().clamp_min(1e-30)

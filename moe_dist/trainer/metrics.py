@@ -52,15 +52,16 @@ class MetricsLogger:
                     group = "eval" if key.startswith("val_") else "train"
                     self.tb.add_scalar(f"{group}/{key}", value, step)
 
-    def log_moe(self, step: int, tokens_per_expert: list[list[int]], dropped_frac: list[float]) -> None:
-        """Per MoE layer: tokens-per-expert histogram and dropped fraction."""
+    def log_moe(self, step: int, per_call: list[tuple[str, list[int], float]]) -> None:
+        """Per routed call (label like L03_ffn or L03_attn_src): tokens-per-expert histogram,
+        dropped fraction and max/mean load."""
         if self.tb is None:
             return
-        for layer, (counts, dropped) in enumerate(zip(tokens_per_expert, dropped_frac)):
+        for label, counts, dropped in per_call:
             counts_E = np.asarray(counts, dtype=np.float64)
             # Histogram over expert ids, weighted by tokens: bucket e holds expert e's count.
             self.tb.add_histogram_raw(
-                f"moe/layer{layer}/tokens_per_expert",
+                f"moe/{label}/tokens_per_expert",
                 min=0.0,
                 max=float(len(counts_E) - 1),
                 num=int(counts_E.sum()),
@@ -70,9 +71,9 @@ class MetricsLogger:
                 bucket_counts=counts_E.tolist(),
                 global_step=step,
             )
-            self.tb.add_scalar(f"moe/layer{layer}/dropped_frac", dropped, step)
+            self.tb.add_scalar(f"moe/{label}/dropped_frac", dropped, step)
             mean = counts_E.mean()
-            self.tb.add_scalar(f"moe/layer{layer}/max_over_mean", float(counts_E.max() / mean) if mean > 0 else 0.0, step)
+            self.tb.add_scalar(f"moe/{label}/max_over_mean", float(counts_E.max() / mean) if mean > 0 else 0.0, step)
 
     def close(self) -> None:
         self._file.close()

@@ -32,7 +32,7 @@ from moe_dist.trainer.metrics import MetricsLogger
 from moe_dist.trainer.schedule import lr_factor
 
 # Config sections that must match between a checkpoint and the run resuming it.
-_MUST_MATCH = ("model", "moe")
+_MUST_MATCH = ("model", "moe", "attention")
 _MAY_DIFFER = {"moe.grouped_mm"}  # an implementation choice, not a model change
 
 
@@ -240,7 +240,7 @@ class Trainer:
         """One optimizer step over grad_accum_steps micro-batches."""
         accum = self.cfg.train.grad_accum_steps
         totals = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0}
-        counts, dropped, assigned = None, None, None
+        counts, dropped, assigned, labels = None, None, None, None
         for batch in batches:
             batch = batch.to(self.device, non_blocking=True)
             with self._autocast():
@@ -254,13 +254,15 @@ class Trainer:
             totals["aux_loss"] += stats[1] / accum
             totals["loss"] += stats[2] / accum
             if out.moe:
-                c = torch.stack([a.tokens_per_expert for a in out.moe])
+                # One flat tensor per micro-batch, so the statistics cost one host sync.
+                c = torch.cat([a.tokens_per_expert for a in out.moe])
                 d = torch.stack([a.dropped for a in out.moe])
                 counts = c if counts is None else counts + c
                 dropped = d if dropped is None else dropped + d
                 assigned = [a.assignments for a in out.moe] if assigned is None else [
                     x + a.assignments for x, a in zip(assigned, out.moe)
                 ]
+                labels = [(a.label, a.tokens_per_expert.numel()) for a in out.moe]
         clip = self.cfg.optim.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         if clip > 0:
@@ -270,13 +272,18 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
+        self.model.update_balance_biases()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         row = {"step": self.step, **totals, "lr": lr, "grad_norm": grad_norm.item()}
         if counts is not None:
-            dropped_l = dropped.tolist()
+            dropped_l, flat = dropped.tolist(), counts.tolist()
             row["dropped_frac"] = sum(dropped_l) / sum(assigned)
-            row["_moe"] = (counts.tolist(), [d / a for d, a in zip(dropped_l, assigned)])
+            per_call, start = [], 0
+            for (label, n), d, a in zip(labels, dropped_l, assigned):
+                per_call.append((label, flat[start : start + n], d / a))
+                start += n
+            row["_moe"] = per_call
         return row
 
     def fit(self) -> None:
@@ -298,7 +305,7 @@ class Trainer:
             if self.step % c.logging.log_every == 0:
                 self.metrics.log(row)
             if moe is not None and self.step % c.logging.moe_stats_every == 0:
-                self.metrics.log_moe(self.step, *moe)
+                self.metrics.log_moe(self.step, moe)
             if progress is not None:
                 progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
                 progress.update(1)

@@ -1,0 +1,130 @@
+"""SwitchHead attention (Csordas et al. 2023, arXiv 2312.07987): MoE value and output
+projections, one attention matrix per head.
+
+Legend: B batch, S sequence, T = B*S tokens, D model dim, H heads, Dh head dim,
+E experts per head, K top-k per head, R = T*H (token, head) rows, N routed rows.
+Expert ids are global over heads: head h's expert e is h*E + e (weights [H*E, ...]).
+
+Per head h:
+    s_src = sigmoid(x W_S^h)  at the source (key/value) token,  s_dst = sigmoid(x W_D^h) at the destination
+    V^h   = sum_{e in topk(s_src)} s_src[e] * x W_V^{h,e}
+    A^h   = softmax(Q^h K^h^T / sqrt(Dh)) with the causal mask   (Q, K dense)
+    y     = sum_h sum_{e in topk(s_dst)} s_dst[e] * (A^h V^h) W_O^{h,e}
+Sigmoid gates, top-k without renormalisation, dropless. Rotary positions replace the
+paper's Transformer-XL relative positions (documented in docs/architectures.md).
+With E=1, K=1 and gates fixed to 1 this is multi-head attention (tests check it).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe_dist.config import AttentionConfig
+from moe_dist.models.attention import RotaryQK
+from moe_dist.moe.aux import MoEAux
+from moe_dist.moe.balance import BalanceBias
+from moe_dist.moe.dispatch import sort_by_expert
+from moe_dist.moe.layer import router_dtype
+from moe_dist.moe.router import route_topk
+from moe_dist.ops.grouped_mm import grouped_mm
+
+
+class SwitchHeadAttention(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        head_dim: int,
+        max_seq_len: int,
+        rope: bool,
+        rope_base: float,
+        dropout: float,
+        cfg: AttentionConfig,
+        backend: str = "auto",
+        fixed_gates: bool = False,
+    ):
+        super().__init__()
+        H, E = n_heads, cfg.num_experts
+        self.n_heads, self.head_dim, self.num_experts, self.top_k = H, head_dim, E, cfg.top_k
+        self.cfg, self.backend, self.dropout = cfg, backend, dropout
+        self.fixed_gates = fixed_gates  # tests: gates = 1 (with E=1, K=1 this is MHA)
+        self.qk = RotaryQK(d_model, H, head_dim, max_seq_len, rope, rope_base)
+        self.gate_src = nn.Linear(d_model, H * E, bias=False)
+        self.gate_dst = nn.Linear(d_model, H * E, bias=False)
+        self.w_v_GDd = nn.Parameter(torch.empty(H * E, d_model, head_dim))  # G = H*E
+        self.w_o_GdD = nn.Parameter(torch.empty(H * E, head_dim, d_model))
+        self.balance_src = BalanceBias(E, cfg.bias_update_rate, groups=H)
+        self.balance_dst = BalanceBias(E, cfg.bias_update_rate, groups=H)
+
+    def reset_parameters(self, std: float, std_out: float) -> None:
+        for w in (self.qk.qk.weight, self.gate_src.weight, self.gate_dst.weight, self.w_v_GDd):
+            nn.init.normal_(w, std=std)
+        nn.init.normal_(self.w_o_GdD, std=std_out)
+
+    def _route(self, gate: nn.Linear, balance: BalanceBias, x_route_TD: torch.Tensor, name: str):
+        """Per-head sigmoid top-k. Returns (global expert ids [R, K], weights [R, K], aux)."""
+        T, H, E, K = x_route_TD.shape[0], self.n_heads, self.num_experts, self.top_k
+        dtype = router_dtype(x_route_TD)
+        head_R = torch.arange(T * H, device=x_route_TD.device) % H
+        with torch.autocast(device_type=x_route_TD.device.type, enabled=False):
+            logits_RE = gate(x_route_TD.to(dtype)).view(T * H, E)
+            bias_RE = balance.bias[head_R] if balance.enabled else None
+            expert_RK, weight_RK, probs_RE = route_topk(logits_RE, K, "sigmoid", bias_RE)
+        if self.fixed_gates:
+            weight_RK = torch.ones_like(weight_RK)
+        global_RK = expert_RK + (head_R * E).unsqueeze(1)
+        balance.observe(global_RK)
+        aux = MoEAux(
+            name=name,
+            group_key=id(self),
+            loss=torch.zeros((), dtype=torch.float32, device=x_route_TD.device),
+            tokens_per_expert=torch.bincount(global_RK.reshape(-1), minlength=H * E).detach(),
+            dropped=torch.zeros((), dtype=torch.long, device=x_route_TD.device),
+            assignments=global_RK.numel(),
+            # [H, E]: the entropy regulariser balances each head's experts.
+            probs_sum=probs_RE.view(T, H, E).sum(0).float() if self.cfg.entropy_loss_weight > 0 else None,
+            num_rows=T,
+            entropy_weight=self.cfg.entropy_loss_weight,
+        )
+        return global_RK, weight_RK, aux
+
+    def _experts(self, rows_MD, global_RK, weight_RK, w_GIO, src_div: int, dst_div: int, n_out: int):
+        """sum over selected experts of weight * rows[src] @ W[expert], scattered to dst.
+
+        Assignment a (of R*K) reads row a // src_div and writes row a // dst_div.
+        """
+        assignment_N, counts_G = sort_by_expert(global_RK.reshape(-1), None, w_GIO.shape[0])
+        src_N = torch.div(assignment_N, src_div, rounding_mode="floor")
+        dst_N = torch.div(assignment_N, dst_div, rounding_mode="floor")
+        y_NO = grouped_mm(rows_MD[src_N], w_GIO, counts_G, self.backend)
+        y_NO = y_NO * weight_RK.reshape(-1)[assignment_N].to(y_NO.dtype).unsqueeze(1)
+        return y_NO.new_zeros(n_out, y_NO.shape[1]).index_add(0, dst_N, y_NO)
+
+    def forward(self, x_BSD: torch.Tensor, x_route_BSD: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[MoEAux]]:
+        B, S, D = x_BSD.shape
+        T, H, Dh, K = B * S, self.n_heads, self.head_dim, self.top_k
+        x_route_BSD = x_BSD if x_route_BSD is None else x_route_BSD
+        x_TD, x_route_TD = x_BSD.reshape(T, D), x_route_BSD.reshape(T, D)
+        if torch.is_autocast_enabled(x_TD.device.type):
+            x_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
+        q, k = self.qk(x_route_BSD)
+
+        # Value side: routed at the source token. Assignment a = (t*H + h)*K + j reads token
+        # a // (H*K) and writes the (token, head) row a // K.
+        src_RK, src_w_RK, aux_src = self._route(self.gate_src, self.balance_src, x_route_TD, "attn_src")
+        v_RDh = self._experts(x_TD, src_RK, src_w_RK, self.w_v_GDd, H * K, K, T * H)
+        v = v_RDh.view(B, S, H, Dh).transpose(1, 2)
+
+        # One attention matrix per head, whatever K is.
+        att = F.scaled_dot_product_attention(q, k, v.to(q.dtype), is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        att_RDh = att.transpose(1, 2).reshape(T * H, Dh)
+
+        # Output side: routed at the destination token. Assignment a reads the (token, head)
+        # row a // K and writes token a // (H*K).
+        dst_RK, dst_w_RK, aux_dst = self._route(self.gate_dst, self.balance_dst, x_route_TD, "attn_dst")
+        y_TD = self._experts(att_RDh, dst_RK, dst_w_RK, self.w_o_GdD, K, H * K, T)
+        return y_TD.view(B, S, D), [aux_src, aux_dst]

@@ -1,0 +1,62 @@
+"""What every routed layer returns beside its output: losses and routing statistics.
+
+Layers return these from forward (no global side channel). The model collects them in
+depth order, one per routed call; MoEUT's shared layers return one per repeat, all with the
+same `group_key`, and `total_aux_loss` pools the entropy regulariser over each group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from moe_dist.moe.router import entropy_regularizer
+
+
+@dataclass
+class MoEAux:
+    name: str
+    """What routed: 'ffn', 'attn_src', 'attn_dst'."""
+    group_key: int
+    """Identity of the router module: repeats of a shared layer have the same key."""
+    loss: torch.Tensor
+    """Weighted per-call auxiliary losses (Switch LB, z-loss, slice capacity), float32 scalar."""
+    tokens_per_expert: torch.Tensor
+    """[E] assignments routed to each expert before capacity drops (detached, int64)."""
+    dropped: torch.Tensor
+    """Assignments dropped for capacity (detached, int64 scalar)."""
+    assignments: int
+    """Routed rows x top-k."""
+    probs_sum: Optional[torch.Tensor] = None
+    """[E] sum over rows of softmax(router logits), for the pooled entropy regulariser."""
+    num_rows: int = 0
+    """Rows that probs_sum sums over."""
+    entropy_weight: float = 0.0
+    """Weight of the entropy regulariser for this router."""
+    layer: int = -1
+    """Depth (0-based application index) of the block that routed; set by the model."""
+
+    @property
+    def label(self) -> str:
+        return f"L{self.layer:02d}_{self.name}"
+
+
+def total_aux_loss(auxes: list[MoEAux]) -> torch.Tensor:
+    """Sum of per-call losses plus, per router group, weight * sum_e p_e log p_e of the mean
+    softmax pooled over every call of that router (all repeats of a MoEUT group)."""
+    total = torch.zeros((), dtype=torch.float32)
+    if not auxes:
+        return total
+    total = total.to(auxes[0].loss.device)
+    pooled: dict[tuple[int, str], list[MoEAux]] = {}
+    for a in auxes:
+        total = total + a.loss
+        if a.entropy_weight > 0 and a.probs_sum is not None:
+            pooled.setdefault((a.group_key, a.name), []).append(a)
+    for group in pooled.values():
+        probs_sum = torch.stack([a.probs_sum for a in group]).sum(0)
+        rows = sum(a.num_rows for a in group)
+        total = total + group[0].entropy_weight * entropy_regularizer(probs_sum, rows)
+    return total
