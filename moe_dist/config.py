@@ -224,6 +224,10 @@ class DataConfig:
     """Shuffle shard order and sample order within a shard, per epoch, from run.seed."""
     verify_shards: bool = True
     """Check every shard's sha256 against the manifest before training."""
+    rank_split: Literal["shards", "batch"] = "shards"
+    """How ranks share the data: shards = each rank streams its own shards (webdataset's
+    split_by_node); batch = every rank streams the same global batches and keeps its rows,
+    so the data order is the same whatever the layout (exact ep=1 vs ep=N parity)."""
 
     def validate(self) -> None:
         _require(self.source != "", "data.source", "must not be empty")
@@ -296,10 +300,17 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     ep: int = 1
-    """Expert-parallel degree: the experts of each MoE layer are sharded over ep ranks."""
+    """Expert-parallel degree: the experts of each MoE layer are sharded over ep ranks;
+    world = dp x ep."""
+    attention_experts: Literal["sharded", "replicated"] = "replicated"
+    """SwitchHead V/O experts: sharded over the ep group like FFN experts (all-to-all), or
+    replicated on every rank (no attention all-to-all; see docs/expert_parallel.md)."""
+    timeout_s: float = 300.0
+    """Collective timeout: a rank that waits longer for its peers fails with an error."""
 
     def validate(self) -> None:
         _require(self.ep >= 1, "parallel.ep", "must be >= 1")
+        _require(self.timeout_s > 0, "parallel.timeout_s", "must be > 0")
 
 
 @dataclass

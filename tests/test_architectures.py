@@ -136,7 +136,7 @@ def test_switchhead_matches_reference():
     x = torch.randn(1, S, D, dtype=torch.float64, requires_grad=True)
     y, (a_src, a_dst) = att(x)
     qk = att.qk.qk.weight
-    params = [qk, att.gate_src.weight, att.gate_dst.weight, att.w_v_GDd, att.w_o_GdD]
+    params = [qk, att.gate_src.weight, att.gate_dst.weight, att.experts_v.w_GIO, att.experts_o.w_GIO]
     ref = clones(params)
     (x_ref,) = clones([x])
     cos, sin = att.qk.rope_cos.double(), att.qk.rope_sin.double()
@@ -153,8 +153,8 @@ def test_switchhead_one_expert_fixed_gates_is_mha():
     with torch.no_grad():
         mha.qk.qk.weight.copy_(att.qk.qk.weight)
         for h in range(H):
-            mha.v.weight[h * Dh : (h + 1) * Dh].copy_(att.w_v_GDd[h].T)
-            mha.out.weight[:, h * Dh : (h + 1) * Dh].copy_(att.w_o_GdD[h].T)
+            mha.v.weight[h * Dh : (h + 1) * Dh].copy_(att.experts_v.w_GIO[h].T)
+            mha.out.weight[:, h * Dh : (h + 1) * Dh].copy_(att.experts_o.w_GIO[h].T)
     x = torch.randn(2, S, D, dtype=torch.float64, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     y, _ = att(x)
@@ -166,7 +166,7 @@ def test_switchhead_one_expert_fixed_gates_is_mha():
     torch.testing.assert_close(x.grad, x2.grad, **F64)
     torch.testing.assert_close(att.qk.qk.weight.grad, mha.qk.qk.weight.grad, **F64)
     for h in range(H):
-        torch.testing.assert_close(att.w_v_GDd.grad[h], mha.v.weight.grad[h * Dh : (h + 1) * Dh].T, **F64)
+        torch.testing.assert_close(att.experts_v.w_GIO.grad[h], mha.v.weight.grad[h * Dh : (h + 1) * Dh].T, **F64)
 
 
 # ----------------------------------------------------------------------------- MoEUT
@@ -358,7 +358,7 @@ def test_loss_free_bias_in_every_router(ffn, attention, tmp_path):
     trainer.close()
     biases = {k: v for k, v in trainer.model.state_dict().items() if k.endswith("bias") and "balance" in k}
     assert biases and all(v.abs().sum() > 0 for v in biases.values())
-    saved = torch.load(tmp_path / "checkpoints" / "step_00000003" / "state.pt", weights_only=False)["model"]
+    saved = torch.load(tmp_path / "checkpoints" / "step_00000003" / "state_rank00000.pt", weights_only=False)["model"]
     for k, v in biases.items():
         assert torch.equal(saved[k], v)
 

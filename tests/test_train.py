@@ -142,7 +142,7 @@ def test_resume_refuses_other_model_and_corrupt_checkpoint(tmp_path, capsys):
     assert main(base + ["train.resume=auto", "model.d_model=64", "train.max_steps=6"]) == 2
     err = capsys.readouterr().err
     assert "was written by a different model config: model.d_model: checkpoint 32, config 64" in err
-    state = run / "checkpoints" / "step_00000004" / "state.pt"
+    state = run / "checkpoints" / "step_00000004" / "state_rank00000.pt"
     data = bytearray(state.read_bytes())
     data[len(data) // 2] ^= 0xFF
     state.write_bytes(bytes(data))

@@ -29,8 +29,9 @@ from moe_dist.moe.aux import MoEAux
 from moe_dist.moe.balance import BalanceBias
 from moe_dist.moe.dispatch import sort_by_expert
 from moe_dist.moe.layer import router_dtype
+from moe_dist.moe.experts import StackedLinear
 from moe_dist.moe.router import route_topk
-from moe_dist.ops.grouped_mm import grouped_mm
+from moe_dist.parallel.expert_parallel import ExpertParallel
 
 
 class SwitchHeadAttention(nn.Module):
@@ -46,24 +47,35 @@ class SwitchHeadAttention(nn.Module):
         cfg: AttentionConfig,
         backend: str = "auto",
         fixed_gates: bool = False,
+        ep: Optional[ExpertParallel] = None,
     ):
         super().__init__()
         H, E = n_heads, cfg.num_experts
         self.n_heads, self.head_dim, self.num_experts, self.top_k = H, head_dim, E, cfg.top_k
         self.cfg, self.backend, self.dropout = cfg, backend, dropout
         self.fixed_gates = fixed_gates  # tests: gates = 1 (with E=1, K=1 this is MHA)
+        # Expert-parallel placement shards the H*E V and O experts over the ep group like
+        # FFN experts; replicated placement passes a one-process ExpertParallel.
+        self.ep = ep if ep is not None else ExpertParallel()
         self.qk = RotaryQK(d_model, H, head_dim, max_seq_len, rope, rope_base)
         self.gate_src = nn.Linear(d_model, H * E, bias=False)
         self.gate_dst = nn.Linear(d_model, H * E, bias=False)
-        self.w_v_GDd = nn.Parameter(torch.empty(H * E, d_model, head_dim))  # G = H*E
-        self.w_o_GdD = nn.Parameter(torch.empty(H * E, head_dim, d_model))
+        self.experts_v = StackedLinear(H * E, d_model, head_dim, backend)  # G = H*E experts
+        self.experts_o = StackedLinear(H * E, head_dim, d_model, backend)
         self.balance_src = BalanceBias(E, cfg.bias_update_rate, groups=H)
         self.balance_dst = BalanceBias(E, cfg.bias_update_rate, groups=H)
 
     def reset_parameters(self, std: float, std_out: float) -> None:
-        for w in (self.qk.qk.weight, self.gate_src.weight, self.gate_dst.weight, self.w_v_GDd):
+        for w in (self.qk.qk.weight, self.gate_src.weight, self.gate_dst.weight, self.experts_v.w_GIO):
             nn.init.normal_(w, std=std)
-        nn.init.normal_(self.w_o_GdD, std=std_out)
+        nn.init.normal_(self.experts_o.w_GIO, std=std_out)
+
+    def shard_experts(self) -> None:
+        """Keep only this rank's V and O experts (expert-parallel placement)."""
+        if self.ep.size > 1:
+            lo_hi = self.ep.local_range(self.n_heads * self.num_experts)
+            self.experts_v.shard(*lo_hi)
+            self.experts_o.shard(*lo_hi)
 
     def _route(self, gate: nn.Linear, balance: BalanceBias, x_route_TD: torch.Tensor, name: str):
         """Per-head sigmoid top-k. Returns (global expert ids [R, K], weights [R, K], aux)."""
@@ -78,29 +90,33 @@ class SwitchHeadAttention(nn.Module):
             weight_RK = torch.ones_like(weight_RK)
         global_RK = expert_RK + (head_R * E).unsqueeze(1)
         balance.observe(global_RK)
+        ep, G = self.ep, H * E
+        probs_sum = None
+        if self.cfg.entropy_loss_weight > 0:
+            # [H, E]: the entropy regulariser balances each head's experts, global batch.
+            probs_sum = ep.sum_stats(probs_RE.view(T, H, E).sum(0), grad=True).float()
         aux = MoEAux(
             name=name,
             group_key=id(self),
             loss=torch.zeros((), dtype=torch.float32, device=x_route_TD.device),
-            tokens_per_expert=torch.bincount(global_RK.reshape(-1), minlength=H * E).detach(),
+            tokens_per_expert=ep.sum_stats(torch.bincount(global_RK.reshape(-1), minlength=G)).detach(),
             dropped=torch.zeros((), dtype=torch.long, device=x_route_TD.device),
-            assignments=global_RK.numel(),
-            # [H, E]: the entropy regulariser balances each head's experts.
-            probs_sum=probs_RE.view(T, H, E).sum(0).float() if self.cfg.entropy_loss_weight > 0 else None,
-            num_rows=T,
+            assignments=global_RK.numel() * ep.world,
+            probs_sum=probs_sum,
+            num_rows=T * ep.world,
             entropy_weight=self.cfg.entropy_loss_weight,
         )
         return global_RK, weight_RK, aux
 
-    def _experts(self, rows_MD, global_RK, weight_RK, w_GIO, src_div: int, dst_div: int, n_out: int):
+    def _experts(self, rows_MD, global_RK, weight_RK, experts, src_div: int, dst_div: int, n_out: int, aux):
         """sum over selected experts of weight * rows[src] @ W[expert], scattered to dst.
 
         Assignment a (of R*K) reads row a // src_div and writes row a // dst_div.
         """
-        assignment_N, counts_G = sort_by_expert(global_RK.reshape(-1), None, w_GIO.shape[0])
+        assignment_N, counts_G = sort_by_expert(global_RK.reshape(-1), None, self.n_heads * self.num_experts)
         src_N = torch.div(assignment_N, src_div, rounding_mode="floor")
         dst_N = torch.div(assignment_N, dst_div, rounding_mode="floor")
-        y_NO = grouped_mm(rows_MD[src_N], w_GIO, counts_G, self.backend)
+        y_NO, aux.sent_bytes = self.ep.run(rows_MD, src_N, counts_G, experts)
         y_NO = y_NO * weight_RK.reshape(-1)[assignment_N].to(y_NO.dtype).unsqueeze(1)
         return y_NO.new_zeros(n_out, y_NO.shape[1]).index_add(0, dst_N, y_NO)
 
@@ -116,7 +132,7 @@ class SwitchHeadAttention(nn.Module):
         # Value side: routed at the source token. Assignment a = (t*H + h)*K + j reads token
         # a // (H*K) and writes the (token, head) row a // K.
         src_RK, src_w_RK, aux_src = self._route(self.gate_src, self.balance_src, x_route_TD, "attn_src")
-        v_RDh = self._experts(x_TD, src_RK, src_w_RK, self.w_v_GDd, H * K, K, T * H)
+        v_RDh = self._experts(x_TD, src_RK, src_w_RK, self.experts_v, H * K, K, T * H, aux_src)
         v = v_RDh.view(B, S, H, Dh).transpose(1, 2)
 
         # One attention matrix per head, whatever K is.
@@ -126,5 +142,5 @@ class SwitchHeadAttention(nn.Module):
         # Output side: routed at the destination token. Assignment a reads the (token, head)
         # row a // K and writes token a // (H*K).
         dst_RK, dst_w_RK, aux_dst = self._route(self.gate_dst, self.balance_dst, x_route_TD, "attn_dst")
-        y_TD = self._experts(att_RDh, dst_RK, dst_w_RK, self.w_o_GdD, K, H * K, T)
+        y_TD = self._experts(att_RDh, dst_RK, dst_w_RK, self.experts_o, K, H * K, T, aux_dst)
         return y_TD.view(B, S, D), [aux_src, aux_dst]

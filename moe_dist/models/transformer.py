@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,8 @@ from moe_dist.moe.aux import MoEAux, total_aux_loss
 from moe_dist.moe.balance import update_balance_biases
 from moe_dist.moe.layer import MoEFFN
 from moe_dist.moe.slice_layer import SliceMoEFFN
+from moe_dist.parallel.expert_parallel import ExpertParallel
+from moe_dist.parallel.layout import ParallelLayout
 
 
 @dataclass
@@ -55,32 +58,35 @@ def head_dim(cfg: Config) -> int:
     return cfg.model.head_dim or cfg.model.d_model // cfg.model.n_heads
 
 
-def build_ffn(cfg: Config, layer: int) -> nn.Module:
+def build_ffn(cfg: Config, layer: int, ep: ExpertParallel) -> nn.Module:
     m = cfg.model
     if not is_moe_layer(cfg, layer):
         return FFN(m.d_model, m.d_ff, m.activation)
     if m.ffn == "slice_moe":
-        return SliceMoEFFN(m.d_model, cfg.moe, m.activation)
-    return MoEFFN(m.d_model, cfg.moe, m.activation, score="sigmoid" if m.ffn == "sigma_moe" else "softmax")
+        return SliceMoEFFN(m.d_model, cfg.moe, m.activation, ep=ep)
+    return MoEFFN(m.d_model, cfg.moe, m.activation, score="sigmoid" if m.ffn == "sigma_moe" else "softmax", ep=ep)
 
 
-def build_attention(cfg: Config) -> nn.Module:
+def build_attention(cfg: Config, ep: ExpertParallel) -> nn.Module:
     m = cfg.model
     args = (m.d_model, m.n_heads, head_dim(cfg), cfg.data.seq_len, m.positions == "rope", m.rope_base, m.dropout)
     if m.attention == "switchhead":
-        return SwitchHeadAttention(*args, cfg.attention, backend=cfg.moe.grouped_mm)
+        # Replicated placement: every rank holds every attention expert (a local
+        # ExpertParallel); sharded: the V/O experts are spread over the ep group.
+        placement = ep if cfg.parallel.attention_experts == "sharded" else ExpertParallel()
+        return SwitchHeadAttention(*args, cfg.attention, backend=cfg.moe.grouped_mm, ep=placement)
     return CausalSelfAttention(*args)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, layer: int):
+    def __init__(self, cfg: Config, layer: int, ep: ExpertParallel):
         super().__init__()
         m = cfg.model
         self.peri = m.norm == "peri"
         self.ln_attn = nn.LayerNorm(m.d_model, eps=m.norm_eps)
-        self.attn = build_attention(cfg)
+        self.attn = build_attention(cfg, ep)
         self.ln_ffn = nn.LayerNorm(m.d_model, eps=m.norm_eps)
-        self.ffn = build_ffn(cfg, layer)
+        self.ffn = build_ffn(cfg, layer, ep)
         self.routed_ffn = not isinstance(self.ffn, FFN)
         self.drop = nn.Dropout(m.dropout)
 
@@ -102,21 +108,27 @@ class Block(nn.Module):
 
 
 class LM(nn.Module):
-    def __init__(self, cfg: Config, vocab_size: int):
+    def __init__(self, cfg: Config, vocab_size: int, layout: Optional[ParallelLayout] = None):
         super().__init__()
         m = cfg.model
         self.cfg, self.vocab_size = cfg, vocab_size
+        self.ep = ExpertParallel(layout)
         self.embed = nn.Embedding(vocab_size, m.d_model)
         self.pos = nn.Embedding(cfg.data.seq_len, m.d_model) if m.positions == "learned" else None
         self.drop = nn.Dropout(m.dropout)
         n_distinct = m.group_size or m.n_layers
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(n_distinct))
+        self.blocks = nn.ModuleList(Block(cfg, i, self.ep) for i in range(n_distinct))
         self.layer_order = [i % n_distinct for i in range(m.n_layers)]
         self.ln_out = nn.LayerNorm(m.d_model, eps=m.norm_eps)
         self.readout = nn.Linear(m.d_model, vocab_size, bias=False)
         if m.tie_embeddings:
             self.readout.weight = self.embed.weight
+        # Every rank initialises all experts from the same seed, then keeps its own slice:
+        # the sharded model holds exactly the one-process model's weights.
         self.reset_parameters()
+        for module in self.modules():
+            if hasattr(module, "shard_experts"):
+                module.shard_experts()
 
     def reset_parameters(self) -> None:
         std = self.cfg.model.init_std
@@ -148,7 +160,7 @@ class LM(nn.Module):
 
     def update_balance_biases(self) -> None:
         """Aux-loss-free balancing: move every router's selection bias (once per step)."""
-        update_balance_biases(self)
+        update_balance_biases(self, self.ep.sum_stats)
 
 
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ same `group_key`, and `total_aux_loss` pools the entropy regulariser over each g
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -37,6 +37,9 @@ class MoEAux:
     """Weight of the entropy regulariser for this router."""
     layer: int = -1
     """Depth (0-based application index) of the block that routed; set by the model."""
+    sent_bytes: list[int] = field(default_factory=list)
+    """Under expert parallelism: bytes this rank sent to each ep rank in this call
+    (rows dispatched + expert outputs returned); empty in one process."""
 
     @property
     def label(self) -> str:

@@ -36,16 +36,20 @@ class BalanceBias(nn.Module):
             flat += torch.bincount(expert_ids.reshape(-1), minlength=flat.numel()).to(flat.dtype)
 
     @torch.no_grad()
-    def update(self) -> None:
-        """Move the bias toward balance; called once per optimizer step by the trainer."""
+    def update(self, sum_over_ranks=None) -> None:
+        """Move the bias toward balance; called once per optimizer step by the trainer.
+        sum_over_ranks sums the loads over the global batch, so every rank (and a one-process
+        run on the same batch) moves the bias identically."""
         if not self.enabled:
             return
+        if sum_over_ranks is not None:
+            self.load.copy_(sum_over_ranks(self.load))
         mean = self.load.mean(dim=1, keepdim=True)
         self.bias += self.rate * torch.sign(mean - self.load)
         self.load.zero_()
 
 
-def update_balance_biases(model: nn.Module) -> None:
+def update_balance_biases(model: nn.Module, sum_over_ranks=None) -> None:
     for module in model.modules():
         if isinstance(module, BalanceBias):
-            module.update()
+            module.update(sum_over_ranks)

@@ -1,31 +1,20 @@
-"""Dispatch (tokens -> rows grouped by expert) and combine (rows -> tokens), one process.
+"""Grouping routed assignments by expert (the local half of dispatch).
 
-Legend: T tokens, D model dim, E experts, K top-k, N kept assignments (routed rows).
+Legend: P assignments (rows x top-k, flattened row-major), N kept assignments, E experts.
 
-The MoE layer only talks to a dispatcher, so the expert-parallel dispatcher (an all-to-all
-between ranks) slots in without touching the layer. Plan of the local one:
-  1. keep the assignments that fit their expert's capacity (token-major order),
-  2. stable-sort them by expert -> rows of each expert are contiguous, in token order,
-  3. gather the token rows (the only copy of the activations),
-  and to combine: scale each row by its routing weight and scatter-add into its token.
+Every routed layer (token-choice MoE, sigma-MoE, SliceMoE, SwitchHead's V and O) does:
+  1. sort its kept assignments by expert -> the rows of each expert are contiguous, and
+     within an expert they stay in assignment (token) order,
+  2. hand the sorted row indices to ExpertParallel.run (local, or all-to-all across ranks),
+  3. scale the outputs by the routing weights and scatter-add them into their rows.
 No [T, E, capacity] one-hot tensors (DeepSpeed-MoE's einsum dispatch) anywhere.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
-
-
-@dataclass
-class DispatchState:
-    token_N: torch.Tensor
-    """Source token of each routed row."""
-    assignment_N: torch.Tensor
-    """Index into the flattened [T, K] assignments of each routed row."""
-    num_tokens: int
 
 
 def sort_by_expert(
@@ -41,31 +30,3 @@ def sort_by_expert(
     expert_kept = expert_P[kept_P]
     order = torch.sort(expert_kept, stable=True).indices
     return kept_P[order], torch.bincount(expert_kept, minlength=num_experts)
-
-
-class LocalDispatcher:
-    """All experts live in this process."""
-
-    def __init__(self, num_experts: int):
-        self.num_experts = num_experts
-
-    def dispatch(
-        self, x_TD: torch.Tensor, expert_TK: torch.Tensor, keep_TK: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
-        K = expert_TK.shape[1]
-        assignment_N, tokens_per_expert_E = sort_by_expert(expert_TK.reshape(-1), keep_TK.reshape(-1), self.num_experts)
-        token_N = torch.div(assignment_N, K, rounding_mode="floor")
-        return x_TD[token_N], tokens_per_expert_E, DispatchState(token_N, assignment_N, x_TD.shape[0])
-
-    def combine(self, y_ND: torch.Tensor, weight_TK: Optional[torch.Tensor], state: DispatchState) -> torch.Tensor:
-        """Scatter-add rows into their tokens, scaled by their routing weight (None: unscaled,
-        for layers that weight the expert input instead, like SliceMoE)."""
-        if weight_TK is not None:
-            y_ND = y_ND * row_weights(weight_TK, state).to(y_ND.dtype).unsqueeze(1)
-        out_TD = y_ND.new_zeros(state.num_tokens, y_ND.shape[1])
-        return out_TD.index_add(0, state.token_N, y_ND)
-
-
-def row_weights(weight_TK: torch.Tensor, state: DispatchState) -> torch.Tensor:
-    """The routing weight of each dispatched row, [N]."""
-    return weight_TK.reshape(-1)[state.assignment_N]

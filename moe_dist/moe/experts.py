@@ -1,8 +1,13 @@
 """Expert weights as stacked tensors [E, ...], computed with one grouped matmul per projection.
 
-Legend: N routed rows, D model dim, F expert hidden dim, H = F * hidden_multiplier.
+Legend: N routed rows, D model dim, F expert hidden dim, H = F * hidden_multiplier,
+G experts of a single projection (SwitchHead's V or O: G = heads * experts per head).
 Stacked tensors (not a ModuleList of Linears) are what grouped GEMMs and expert-parallel
 sharding want: one parameter per projection, sliced along E.
+
+Under expert parallelism each rank keeps the slice [lo, hi) of every stacked tensor
+(`shard`), and the parameters are marked as expert parameters: their gradients are
+reduced over the expert-data-parallel group only (parallel/grads.py).
 """
 
 from __future__ import annotations
@@ -12,6 +17,24 @@ import torch.nn as nn
 
 from moe_dist.ops.activations import activation, hidden_multiplier
 from moe_dist.ops.grouped_mm import grouped_mm
+
+
+def is_expert_param(p: torch.Tensor) -> bool:
+    return getattr(p, "_moe_expert", False)
+
+
+def _shard_param(p: nn.Parameter, lo: int, hi: int) -> nn.Parameter:
+    q = nn.Parameter(p.detach()[lo:hi].clone())
+    q._moe_expert = True
+    return q
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # grouped_mm is not an autocast op: cast to the autocast dtype ourselves.
+        return x.to(torch.get_autocast_dtype(device_type))
+    return x
 
 
 class GroupedExperts(nn.Module):
@@ -36,11 +59,16 @@ class GroupedExperts(nn.Module):
             nn.init.zeros_(self.b_in_EH)
             nn.init.zeros_(self.b_out_ED)
 
+    def shard(self, lo: int, hi: int) -> None:
+        """Keep experts [lo, hi) of this rank."""
+        for name in ("w_in_EDH", "w_out_EFD", "b_in_EH", "b_out_ED"):
+            p = getattr(self, name)
+            if p is not None:
+                setattr(self, name, _shard_param(p, lo, hi))
+        self.num_experts = hi - lo
+
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        device_type = x_ND.device.type
-        if torch.is_autocast_enabled(device_type):
-            # grouped_mm is not an autocast op: cast to the autocast dtype ourselves.
-            x_ND = x_ND.to(torch.get_autocast_dtype(device_type))
+        x_ND = _autocast_input(x_ND)
         h_NH = grouped_mm(x_ND, self.w_in_EDH, tokens_per_expert_E, self.backend)
         if self.b_in_EH is None:
             return grouped_mm(activation(h_NH, self.act), self.w_out_EFD, tokens_per_expert_E, self.backend)
@@ -51,3 +79,18 @@ class GroupedExperts(nn.Module):
         h_NH = h_NH + self.b_in_EH[expert_N].to(h_NH.dtype)
         y_ND = grouped_mm(activation(h_NH, self.act), self.w_out_EFD, tokens_per_expert_E, self.backend)
         return y_ND + self.b_out_ED[expert_N].to(y_ND.dtype)
+
+
+class StackedLinear(nn.Module):
+    """G experts of one projection: row n of expert g computes x_n @ W[g] (W: [G, I, O])."""
+
+    def __init__(self, num_experts: int, d_in: int, d_out: int, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+        self.w_GIO = nn.Parameter(torch.empty(num_experts, d_in, d_out))
+
+    def shard(self, lo: int, hi: int) -> None:
+        self.w_GIO = _shard_param(self.w_GIO, lo, hi)
+
+    def forward(self, x_NI: torch.Tensor, tokens_per_expert_G: torch.Tensor) -> torch.Tensor:
+        return grouped_mm(_autocast_input(x_NI), self.w_GIO, tokens_per_expert_G, self.backend)

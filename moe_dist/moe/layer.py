@@ -18,15 +18,10 @@ from moe_dist.config import MoEConfig
 from moe_dist.models.ffn import FFN
 from moe_dist.moe.aux import MoEAux
 from moe_dist.moe.balance import BalanceBias
-from moe_dist.moe.dispatch import LocalDispatcher
+from moe_dist.moe.dispatch import sort_by_expert
 from moe_dist.moe.experts import GroupedExperts
-from moe_dist.moe.router import (
-    capacity_mask,
-    expert_capacity,
-    route_topk,
-    router_z_loss,
-    switch_load_balancing_loss,
-)
+from moe_dist.moe.router import route_topk, switch_lb_loss_from_sums
+from moe_dist.parallel.expert_parallel import ExpertParallel
 
 
 def router_dtype(x: torch.Tensor) -> torch.dtype:
@@ -35,17 +30,17 @@ def router_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class MoEFFN(nn.Module):
-    def __init__(self, d_model: int, cfg: MoEConfig, act: str, score: str = "softmax", dispatcher=None):
+    def __init__(self, d_model: int, cfg: MoEConfig, act: str, score: str = "softmax", ep: Optional[ExpertParallel] = None):
         super().__init__()
         self.cfg, self.score = cfg, score
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.ep = ep if ep is not None else ExpertParallel()
         self.router = nn.Linear(d_model, cfg.num_experts, bias=False)
         self.balance = BalanceBias(cfg.num_experts, cfg.bias_update_rate)
         self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.d_expert, act, cfg.grouped_mm)
         self.shared: Optional[FFN] = None
         if cfg.num_shared_experts > 0:
             self.shared = FFN(d_model, cfg.num_shared_experts * cfg.d_expert, act)
-        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(cfg.num_experts)
 
     def reset_parameters(self, std: float, std_out: float) -> None:
         nn.init.normal_(self.router.weight, std=std)
@@ -54,37 +49,26 @@ class MoEFFN(nn.Module):
         if self.shared is not None:
             self.shared.reset_parameters(std, std_out)
 
+    def shard_experts(self) -> None:
+        """Keep only this rank's experts (expert parallelism); call after init."""
+        if self.ep.size > 1:
+            self.experts.shard(*self.ep.local_range(self.num_experts))
+
     def route(self, x_TD: torch.Tensor):
         """Router in float32 (autocast off), top-k, capacity. Returns (expert, weight, keep, aux)."""
-        T = x_TD.shape[0]
+        E, K, cfg = self.num_experts, self.top_k, self.cfg
         dtype = router_dtype(x_TD)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             # The router's parameters are float32 master weights (float64 in tests).
             logits_TE = self.router(x_TD.to(dtype))
             exclude = None
-            if self.training and self.cfg.expert_dropout > 0:
-                exclude = torch.rand_like(logits_TE) < self.cfg.expert_dropout
+            if self.training and cfg.expert_dropout > 0:
+                exclude = torch.rand_like(logits_TE) < cfg.expert_dropout
             bias = self.balance.bias[0] if self.balance.enabled else None
-            expert_TK, weight_TK, probs_TE = route_topk(logits_TE, self.top_k, self.score, bias, exclude)
-            capacity = expert_capacity(T, self.top_k, self.num_experts, self.cfg.capacity_factor)
-            keep_TK = capacity_mask(expert_TK, self.num_experts, capacity)
-            loss = logits_TE.new_zeros(())
-            if self.cfg.lb_loss_weight > 0:
-                loss = loss + self.cfg.lb_loss_weight * switch_load_balancing_loss(probs_TE, expert_TK)
-            if self.cfg.z_loss_weight > 0:
-                loss = loss + self.cfg.z_loss_weight * router_z_loss(logits_TE)
+            expert_TK, weight_TK, probs_TE = route_topk(logits_TE, K, self.score, bias, exclude)
+            keep_TK = self.ep.capacity_mask(expert_TK, E, cfg.capacity_factor)
+            aux = routing_aux(self.ep, "ffn", id(self), logits_TE, probs_TE, expert_TK, keep_TK, cfg)
         self.balance.observe(expert_TK)
-        aux = MoEAux(
-            name="ffn",
-            group_key=id(self),
-            loss=loss.float(),
-            tokens_per_expert=torch.bincount(expert_TK.reshape(-1), minlength=self.num_experts).detach(),
-            dropped=(~keep_TK).sum().detach(),
-            assignments=expert_TK.numel(),
-            probs_sum=probs_TE.sum(0).float() if self.cfg.entropy_loss_weight > 0 else None,
-            num_rows=T,
-            entropy_weight=self.cfg.entropy_loss_weight,
-        )
         return expert_TK, weight_TK, keep_TK, aux
 
     def forward(self, x_BSD: torch.Tensor, x_route_BSD: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, MoEAux]:
@@ -92,10 +76,53 @@ class MoEFFN(nn.Module):
         x_TD = x_BSD.reshape(B * S, D)
         x_route_TD = x_TD if x_route_BSD is None else x_route_BSD.reshape(B * S, D)
         expert_TK, weight_TK, keep_TK, aux = self.route(x_route_TD)
-        # 1. permute kept assignments by expert  2. expert FFNs  3. weight and scatter back
-        x_ND, tokens_per_expert_E, state = self.dispatcher.dispatch(x_TD, expert_TK, keep_TK)
-        y_ND = self.experts(x_ND, tokens_per_expert_E)
-        y_TD = self.dispatcher.combine(y_ND, weight_TK, state)
+        # 1. sort kept assignments by expert  2. expert FFNs (across ranks under ep)
+        # 3. scale by routing weight and scatter-add into the tokens
+        assignment_N, tokens_per_expert_E = sort_by_expert(expert_TK.reshape(-1), keep_TK.reshape(-1), self.num_experts)
+        token_N = torch.div(assignment_N, self.top_k, rounding_mode="floor")
+        y_ND, aux.sent_bytes = self.ep.run(x_TD, token_N, tokens_per_expert_E, self.experts)
+        w_N = weight_TK.reshape(-1)[assignment_N].to(y_ND.dtype)
+        y_TD = y_ND.new_zeros(B * S, D).index_add(0, token_N, y_ND * w_N.unsqueeze(1))
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD).to(y_TD.dtype)
         return y_TD.view(B, S, D), aux
+
+
+def routing_aux(
+    ep: ExpertParallel,
+    name: str,
+    key: int,
+    logits_TE: torch.Tensor,
+    probs_TE: torch.Tensor,
+    expert_TK: torch.Tensor,
+    keep_TK: torch.Tensor,
+    cfg: MoEConfig,
+    extra_loss: Optional[torch.Tensor] = None,
+) -> MoEAux:
+    """Losses and statistics of one routed call, over the global batch (summed over every
+    rank, autograd through the sums), so they equal one process's on the same batch."""
+    T, K = expert_TK.shape
+    E = logits_TE.shape[1]
+    counts_E = ep.sum_stats(torch.bincount(expert_TK.reshape(-1), minlength=E))
+    rows = T * ep.world  # every rank routes the same number of rows
+    loss = logits_TE.new_zeros(())
+    if cfg.lb_loss_weight > 0:
+        probs_sum_E = ep.sum_stats(probs_TE.sum(0), grad=True)
+        loss = loss + cfg.lb_loss_weight * switch_lb_loss_from_sums(probs_sum_E, counts_E, rows, K)
+    if cfg.z_loss_weight > 0:
+        lse_sq = ep.sum_stats(torch.logsumexp(logits_TE, dim=-1).square().sum(), grad=True)
+        loss = loss + cfg.z_loss_weight * lse_sq / rows
+    if extra_loss is not None:
+        loss = loss + extra_loss
+    entropy = cfg.entropy_loss_weight > 0
+    return MoEAux(
+        name=name,
+        group_key=key,
+        loss=loss.float(),
+        tokens_per_expert=counts_E.detach(),
+        dropped=ep.sum_stats((~keep_TK).sum()).detach(),
+        assignments=rows * K,
+        probs_sum=ep.sum_stats(probs_TE.sum(0), grad=True).float() if entropy else None,
+        num_rows=rows,
+        entropy_weight=cfg.entropy_loss_weight,
+    )

@@ -104,6 +104,14 @@ def switch_load_balancing_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor) 
     return E * torch.sum(f_E * P_E)
 
 
+def switch_lb_loss_from_sums(probs_sum_E: torch.Tensor, counts_E: torch.Tensor, num_rows: int, top_k: int) -> torch.Tensor:
+    """The Switch loss from batch sums (for sums taken over several ranks):
+    f_i = counts_i / (rows * K), P_i = probs_sum_i / rows."""
+    E = probs_sum_E.numel()
+    f_E = counts_E.to(probs_sum_E.dtype) / (num_rows * top_k)
+    return E * torch.sum(f_E * probs_sum_E / num_rows)
+
+
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """mean over tokens of logsumexp(logits)^2 (ST-MoE), unweighted."""
     return torch.logsumexp(logits_TE, dim=-1).square().mean()

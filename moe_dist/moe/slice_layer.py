@@ -27,17 +27,11 @@ import torch.nn as nn
 from moe_dist.config import MoEConfig
 from moe_dist.moe.aux import MoEAux
 from moe_dist.moe.balance import BalanceBias
-from moe_dist.moe.dispatch import LocalDispatcher, row_weights
+from moe_dist.moe.dispatch import sort_by_expert
 from moe_dist.moe.experts import GroupedExperts
-from moe_dist.moe.layer import router_dtype
-from moe_dist.moe.router import (
-    capacity_mask,
-    cv_squared,
-    expert_capacity,
-    route_topk,
-    router_z_loss,
-    switch_load_balancing_loss,
-)
+from moe_dist.moe.layer import router_dtype, routing_aux
+from moe_dist.moe.router import cv_squared, route_topk
+from moe_dist.parallel.expert_parallel import ExpertParallel
 
 
 def cross_slice_dropout(weight_PK: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,15 +59,15 @@ class SliceRouter(nn.Module):
 
 
 class SliceMoEFFN(nn.Module):
-    def __init__(self, d_model: int, cfg: MoEConfig, act: str, dispatcher=None):
+    def __init__(self, d_model: int, cfg: MoEConfig, act: str, ep: Optional[ExpertParallel] = None):
         super().__init__()
         self.cfg = cfg
         self.num_slices, self.d_slice = cfg.num_slices, d_model // cfg.num_slices
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.ep = ep if ep is not None else ExpertParallel()
         self.router = SliceRouter(self.d_slice, cfg.slice_router_hidden, cfg.num_experts)
         self.balance = BalanceBias(cfg.num_experts, cfg.bias_update_rate)
         self.experts = GroupedExperts(cfg.num_experts, self.d_slice, cfg.d_expert, act, cfg.grouped_mm, bias=True)
-        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(cfg.num_experts)
 
     def reset_parameters(self, std: float, std_out: float) -> None:
         for fc in (self.router.fc1, self.router.fc2):
@@ -82,46 +76,39 @@ class SliceMoEFFN(nn.Module):
         scale = self.cfg.expert_init_scale
         self.experts.reset_parameters(std * scale, std_out * scale)
 
+    def shard_experts(self) -> None:
+        """Keep only this rank's experts (expert parallelism); call after init."""
+        if self.ep.size > 1:
+            self.experts.shard(*self.ep.local_range(self.num_experts))
+
     def forward(self, x_BSD: torch.Tensor, x_route_BSD: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, MoEAux]:
         B, S, D = x_BSD.shape
-        P = B * S * self.num_slices
+        P, E, K, cfg = B * S * self.num_slices, self.num_experts, self.top_k, self.cfg
         x_PDs = x_BSD.reshape(P, self.d_slice)
         route_PDs = x_PDs if x_route_BSD is None else x_route_BSD.reshape(P, self.d_slice)
-        cfg = self.cfg
         dtype = router_dtype(route_PDs)
         with torch.autocast(device_type=x_BSD.device.type, enabled=False):
             logits_PE = self.router(route_PDs.to(dtype))
             exclude = torch.rand_like(logits_PE) < cfg.expert_dropout if self.training and cfg.expert_dropout > 0 else None
             bias = self.balance.bias[0] if self.balance.enabled else None
-            expert_PK, weight_PK, probs_PE = route_topk(logits_PE, self.top_k, "softmax", bias, exclude)
-            keep_PK = capacity_mask(expert_PK, self.num_experts, expert_capacity(P, self.top_k, self.num_experts, cfg.capacity_factor))
-            dropped = (~keep_PK).sum()
-            if self.training and cfg.slice_dropout > 0 and self.top_k > 1:
+            expert_PK, weight_PK, probs_PE = route_topk(logits_PE, K, "softmax", bias, exclude)
+            keep_PK = self.ep.capacity_mask(expert_PK, E, cfg.capacity_factor)
+            # Soft loads over the global batch (autograd through the sum over ranks).
+            soft_load_E = torch.zeros(E, dtype=weight_PK.dtype, device=weight_PK.device)
+            soft_load_E = self.ep.sum_stats(soft_load_E.index_add(0, expert_PK.reshape(-1), weight_PK.reshape(-1)), grad=True)
+            cap_loss = cfg.slice_cap_loss_weight * cv_squared(soft_load_E)
+            aux = routing_aux(self.ep, "ffn", id(self), logits_PE, probs_PE, expert_PK, keep_PK, cfg, cap_loss)
+            if self.training and cfg.slice_dropout > 0 and K > 1:
                 weight_PK, slice_drop_PK = cross_slice_dropout(weight_PK, cfg.slice_dropout)
                 keep_PK = keep_PK & ~slice_drop_PK  # a zero-weight row is not worth computing
-            soft_load_E = torch.zeros(self.num_experts, dtype=weight_PK.dtype, device=weight_PK.device)
-            soft_load_E = soft_load_E.index_add(0, expert_PK.reshape(-1), weight_PK.reshape(-1))
-            loss = cfg.slice_cap_loss_weight * cv_squared(soft_load_E)
-            if cfg.lb_loss_weight > 0:
-                loss = loss + cfg.lb_loss_weight * switch_load_balancing_loss(probs_PE, expert_PK)
-            if cfg.z_loss_weight > 0:
-                loss = loss + cfg.z_loss_weight * router_z_loss(logits_PE)
         self.balance.observe(expert_PK)
-        # 1. permute kept (token, slice) assignments by expert  2. scale each slice by its
+        # 1. sort kept (token, slice) assignments by expert  2. scale each slice by its
         # weight  3. expert FFNs  4. scatter-add back into the slice's row, slices in order
-        x_ND, tokens_per_expert_E, state = self.dispatcher.dispatch(x_PDs, expert_PK, keep_PK)
-        x_ND = x_ND * row_weights(weight_PK, state).to(x_ND.dtype).unsqueeze(1)
-        y_ND = self.experts(x_ND, tokens_per_expert_E)
-        y_PDs = self.dispatcher.combine(y_ND, None, state)
-        aux = MoEAux(
-            name="ffn",
-            group_key=id(self),
-            loss=loss.float(),
-            tokens_per_expert=torch.bincount(expert_PK.reshape(-1), minlength=self.num_experts).detach(),
-            dropped=dropped.detach(),
-            assignments=expert_PK.numel(),
-            probs_sum=probs_PE.sum(0).float() if cfg.entropy_loss_weight > 0 else None,
-            num_rows=P,
-            entropy_weight=cfg.entropy_loss_weight,
-        )
+        assignment_N, tokens_per_expert_E = sort_by_expert(expert_PK.reshape(-1), keep_PK.reshape(-1), E)
+        pair_N = torch.div(assignment_N, K, rounding_mode="floor")
+        w_N = weight_PK.reshape(-1)[assignment_N]
+        # The weight scales the expert INPUT: gather and scale here (the dispatch buffer).
+        x_ND = x_PDs[pair_N] * w_N.to(x_PDs.dtype).unsqueeze(1)
+        y_ND, aux.sent_bytes = self.ep.run(x_ND, None, tokens_per_expert_E, self.experts)
+        y_PDs = y_ND.new_zeros(P, self.d_slice).index_add(0, pair_N, y_ND)
         return y_PDs.view(B, S, D), aux

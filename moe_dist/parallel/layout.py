@@ -1,14 +1,24 @@
 """The parallel layout of a run, built once from the launcher's environment and passed around.
 
-No module-level process-group globals: the trainer, the data loader and (later) the
-expert-parallel dispatcher receive this object. This version runs one process; the
-expert-parallel issue adds process groups to it.
+world = dp x ep. Ranks are laid out with ep innermost (torchtitan's ["dp", "ep"] mesh):
+    ep group of rank r:                    ranks [r - r % ep, ..., r - r % ep + ep - 1]
+    expert-data-parallel group of rank r:  ranks {r % ep, r % ep + ep, ...}
+The experts of every MoE layer are sharded over an ep group; the dp replicas of a shard
+form its expert-data-parallel group. Every rank reads its own slice of the global batch.
+
+No module-level process-group globals: the trainer, the data loader and the expert-parallel
+dispatchers receive this object (or the ExpertParallel view of it).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
 
 from moe_dist.config import ParallelConfig
 from moe_dist.errors import LaunchError
@@ -30,28 +40,93 @@ class ParallelLayout:
     world_size: int
     local_rank: int
     ep: int
+    ep_group: Any = None
+    """ProcessGroup of this rank's ep group (None when ep == 1)."""
+    edp_group: Any = None
+    """ProcessGroup of this rank's expert-data-parallel group (None when dp == 1)."""
 
     @property
     def dp(self) -> int:
         return self.world_size // self.ep
 
     @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.ep
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
     @classmethod
-    def from_env(cls, cfg: ParallelConfig) -> "ParallelLayout":
+    def single(cls) -> "ParallelLayout":
+        return cls(rank=0, world_size=1, local_rank=0, ep=1)
+
+    @classmethod
+    def from_env(cls, cfg: ParallelConfig, device_type: str = "cpu", timeout_s: float = 300.0) -> "ParallelLayout":
+        """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun, deepspeed, SLURM wrappers set them),
+        validate the layout, and create the process groups when world > 1."""
         world = _env_int("WORLD_SIZE", 1)
         rank = _env_int("RANK", 0)
         local_rank = _env_int("LOCAL_RANK", 0)
         if not 0 <= rank < world:
             raise LaunchError(f"RANK={rank} is outside WORLD_SIZE={world}")
         if world % cfg.ep != 0:
-            raise LaunchError(f"parallel.ep={cfg.ep} does not divide the world size {world}")
-        if world > 1 or cfg.ep > 1:
             raise LaunchError(
-                f"WORLD_SIZE={world}, parallel.ep={cfg.ep}: this build trains in one process; "
-                "multi-process expert/data parallelism is not implemented yet (set parallel.ep=1 "
-                "and launch one process)"
+                f"parallel.ep={cfg.ep} does not divide the world size WORLD_SIZE={world}: "
+                "world = dp x ep needs ep to divide it"
             )
-        return cls(rank=rank, world_size=world, local_rank=local_rank, ep=cfg.ep)
+        if world == 1:
+            return cls(rank=0, world_size=1, local_rank=local_rank, ep=1)
+        if not dist.is_initialized():
+            for var in ("MASTER_ADDR", "MASTER_PORT"):
+                if not os.environ.get(var):
+                    raise LaunchError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun")
+            backend = "nccl" if device_type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        return cls.build(rank, world, local_rank, cfg.ep)
+
+    @classmethod
+    def build(cls, rank: int, world: int, local_rank: int, ep: int) -> "ParallelLayout":
+        """Create the ep and expert-data-parallel groups (every rank must call this)."""
+        dp = world // ep
+        ep_group = edp_group = None
+        # new_group is collective over the whole world: create every group on every rank.
+        for g in range(dp):
+            ranks = list(range(g * ep, (g + 1) * ep))
+            group = dist.new_group(ranks) if ep > 1 else None
+            if rank in ranks:
+                ep_group = group
+        for j in range(ep):
+            ranks = list(range(j, world, ep))
+            group = dist.new_group(ranks) if dp > 1 else None
+            if rank in ranks:
+                edp_group = group
+        return cls(rank=rank, world_size=world, local_rank=local_rank, ep=ep, ep_group=ep_group, edp_group=edp_group)
+
+
+def expert_placement(num_experts: int, ep: int) -> list[int]:
+    """Start index of each ep rank's contiguous expert block, plus the end: [s_0, ..., s_ep].
+
+    Counts need not divide: the first num_experts % ep ranks get one more expert
+    (387 experts on 4 ranks: 97, 97, 97, 96). Every rank must own at least one.
+    """
+    if num_experts < ep:
+        raise LaunchError(f"{num_experts} experts cannot be sharded over parallel.ep={ep} ranks")
+    base, extra = divmod(num_experts, ep)
+    starts = [0]
+    for j in range(ep):
+        starts.append(starts[-1] + base + (1 if j < extra else 0))
+    return starts
+
+
+def destroy(layout: Optional[ParallelLayout]) -> None:
+    if layout is not None and layout.distributed and dist.is_initialized():
+        dist.destroy_process_group()

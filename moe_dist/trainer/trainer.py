@@ -24,8 +24,9 @@ import yaml
 from moe_dist.config import Config, dump_config
 from moe_dist.data.cache import ensure_prepared
 from moe_dist.data.loader import build_loader, data_tokenizer, val_windows
-from moe_dist.errors import CheckpointError, ConfigError, LaunchError
+from moe_dist.errors import CheckpointError, ConfigError, DataError, LaunchError, MoeDistError
 from moe_dist.models.transformer import LM, lm_loss
+from moe_dist.parallel.grads import clip_grad_norm, reduce_gradients
 from moe_dist.parallel.layout import ParallelLayout
 from moe_dist.trainer import checkpoint as ckpt
 from moe_dist.trainer.metrics import MetricsLogger
@@ -50,7 +51,9 @@ def resolve_device(cfg: Config) -> torch.device:
     if cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("run.device: cuda requested but no CUDA device is available")
-        return torch.device("cuda", torch.cuda.current_device())
+        local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
@@ -93,12 +96,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config, log=print):
-        self.cfg, self.log = cfg, log
-        self.layout = ParallelLayout.from_env(cfg.parallel)
+        self.cfg = cfg
+        self.device = resolve_device(cfg)
+        self.layout = ParallelLayout.from_env(cfg.parallel, self.device.type, cfg.parallel.timeout_s)
+        self.is_main = self.layout.is_main
+        self.log = log if self.is_main else (lambda *_: None)
         self.run_dir = os.path.abspath(os.path.expanduser(cfg.run.dir))
         _check_run_dir(self.run_dir)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
-        self.device = resolve_device(cfg)
         use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
 
@@ -106,14 +111,15 @@ class Trainer:
         self.resume_path = self._find_resume()
         resume_meta = resume_state = None
         if self.resume_path is not None:
-            resume_meta, resume_state, old_yaml = ckpt.load_checkpoint(self.resume_path)
+            L = self.layout
+            resume_meta, resume_state, old_yaml = ckpt.load_checkpoint(self.resume_path, L.rank, L.world_size, L.ep)
             diffs = _config_diff(yaml.safe_load(old_yaml), cfg.to_dict())
             if diffs:
                 raise CheckpointError(
                     f"checkpoint {self.resume_path} was written by a different model config: " + "; ".join(diffs)
                 )
 
-        self.data_dir, self.manifest = ensure_prepared(cfg.data, log=self.log)
+        self.data_dir, self.manifest = self._prepare_data()
         vocab = self.manifest["vocab_size"]
         if cfg.model.vocab_size is not None:
             if cfg.model.vocab_size < vocab:
@@ -124,28 +130,33 @@ class Trainer:
             vocab = cfg.model.vocab_size
         self.vocab_size = vocab
         n_val = val_windows(self.manifest, cfg.data.seq_len)
-        if cfg.train.eval_every > 0 and n_val < cfg.train.micro_batch_size:
+        global_batch = cfg.train.micro_batch_size * self.layout.world_size
+        if cfg.train.eval_every > 0 and n_val < global_batch:
             raise ConfigError(
-                f"train.micro_batch_size={cfg.train.micro_batch_size} exceeds the {n_val} validation "
-                f"sequences in {self.data_dir}; lower it, or raise data.val_fraction"
+                f"train.micro_batch_size={cfg.train.micro_batch_size} x {self.layout.world_size} rank(s) exceeds "
+                f"the {n_val} validation sequences in {self.data_dir}; lower it, or raise data.val_fraction"
             )
 
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
         np.random.seed(cfg.run.seed)
-        self.model = LM(cfg, vocab).to(self.device)
+        self.model = LM(cfg, vocab, self.layout).to(self.device)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.optim, cfg.train.max_steps)
         )
+        # rank_split=shards: each rank streams its own shards (webdataset's split_by_node).
+        # rank_split=batch: every rank streams the same global batches and keeps its rows,
+        # so the data order does not depend on the layout (ep=1 and ep=4 see the same batches).
+        by_batch = cfg.data.rank_split == "batch"
         self.train_loader = build_loader(
             self.data_dir,
             self.manifest,
             "train",
             cfg.data.seq_len,
-            cfg.train.micro_batch_size,
-            rank=self.layout.rank,
-            world=self.layout.world_size,
+            cfg.train.micro_batch_size * (self.layout.world_size if by_batch else 1),
+            rank=0 if by_batch else self.layout.rank,
+            world=1 if by_batch else self.layout.world_size,
             seed=cfg.run.seed,
             shuffle=cfg.data.shuffle,
             num_workers=cfg.data.num_workers,
@@ -155,10 +166,30 @@ class Trainer:
         if resume_state is not None:
             self._load_state(resume_state)
             self.log(f"resumed from {self.resume_path} (step {resume_meta['step']})")
-        dump_config(cfg, os.path.join(self.run_dir, "config.yaml"))
-        self.metrics = MetricsLogger(
-            self.run_dir, cfg.logging.tensorboard, self.step if self.resume_path else None
-        )
+        self.metrics = None
+        if self.is_main:
+            dump_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+            self.metrics = MetricsLogger(
+                self.run_dir, cfg.logging.tensorboard, self.step if self.resume_path else None
+            )
+
+    def _prepare_data(self) -> tuple[str, dict]:
+        """Rank 0 prepares (or finds) the data; the others wait and read it. An error on
+        rank 0 reaches every rank, so none waits for data that will never come."""
+        if not self.layout.distributed:
+            return ensure_prepared(self.cfg.data, log=self.log)
+        import torch.distributed as dist
+
+        error = [None]
+        if self.is_main:
+            try:
+                ensure_prepared(self.cfg.data, log=self.log)
+            except MoeDistError as e:
+                error = [str(e)]
+        dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise DataError(error[0])
+        return ensure_prepared(self.cfg.data, log=self.log)
 
     # -- setup -------------------------------------------------------------------------
 
@@ -209,18 +240,28 @@ class Trainer:
 
     def save(self) -> str:
         before = (lambda _tmp: _kill_self()) if _fault("kill_in_save", self.step) else None
-        with open(os.path.join(self.run_dir, "config.yaml")) as f:
-            config_yaml = f.read()
+        config_yaml = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
         return ckpt.save_checkpoint(
-            self.ckpt_dir, self.step, self._state(), config_yaml, self.cfg.checkpoint.keep_last, before
+            self.ckpt_dir, self.step, self._state(), config_yaml, self.cfg.checkpoint.keep_last, before, self.layout
         )
+
+    def _mean_over_ranks(self, values: list[float]) -> list[float]:
+        if not self.layout.distributed:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return (t / self.layout.world_size).tolist()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over the first train.eval_batches micro-batches of the val split."""
-        c = self.cfg
+        """Mean loss over the first train.eval_batches global batches of the val split.
+        Every rank reads the same global batches and evaluates its rows (the forward is
+        collective under ep), so the result does not depend on the layout."""
+        c, B, r = self.cfg, self.cfg.train.micro_batch_size, self.layout.rank
         loader = build_loader(
-            self.data_dir, self.manifest, "val", c.data.seq_len, c.train.micro_batch_size,
+            self.data_dir, self.manifest, "val", c.data.seq_len, B * self.layout.world_size,
             shuffle=False, verify=False, loop=False,
         )
         self.model.eval()
@@ -228,12 +269,12 @@ class Trainer:
         for i, batch in enumerate(loader):
             if i >= c.train.eval_batches:
                 break
-            batch = batch.to(self.device)
+            batch = batch[r * B : (r + 1) * B].to(self.device)
             with self._autocast():
                 out = self.model(batch[:, :-1])
             losses.append(lm_loss(out.logits, batch[:, 1:]).item())
         self.model.train()
-        val_loss = float(np.mean(losses))
+        val_loss = self._mean_over_ranks([float(np.mean(losses))])[0]
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     def train_step(self, batches) -> dict[str, Any]:
@@ -241,7 +282,10 @@ class Trainer:
         accum = self.cfg.train.grad_accum_steps
         totals = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0}
         counts, dropped, assigned, labels = None, None, None, None
+        B, r = self.cfg.train.micro_batch_size, self.layout.rank
         for batch in batches:
+            if self.cfg.data.rank_split == "batch" and self.layout.distributed:
+                batch = batch[r * B : (r + 1) * B]  # this rank's rows of the global batch
             batch = batch.to(self.device, non_blocking=True)
             with self._autocast():
                 out = self.model(batch[:, :-1])
@@ -249,7 +293,7 @@ class Trainer:
             aux = out.aux_loss
             loss = lm + aux
             (loss / accum).backward()
-            stats = torch.stack([lm.detach(), aux.detach(), loss.detach()]).tolist()
+            stats = self._mean_over_ranks(torch.stack([lm.detach(), aux.detach(), loss.detach()]).tolist())
             totals["lm_loss"] += stats[0] / accum
             totals["aux_loss"] += stats[1] / accum
             totals["loss"] += stats[2] / accum
@@ -263,12 +307,8 @@ class Trainer:
                     x + a.assignments for x, a in zip(assigned, out.moe)
                 ]
                 labels = [(a.label, a.tokens_per_expert.numel()) for a in out.moe]
-        clip = self.cfg.optim.grad_clip
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        reduce_gradients(self.model, self.layout)
+        grad_norm = clip_grad_norm(self.model, self.layout, self.cfg.optim.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -288,9 +328,9 @@ class Trainer:
 
     def fit(self) -> None:
         c = self.cfg
-        tokens_per_step = c.train.micro_batch_size * c.data.seq_len * c.train.grad_accum_steps
+        tokens_per_step = c.train.micro_batch_size * c.data.seq_len * c.train.grad_accum_steps * self.layout.world_size
         progress = None
-        if c.logging.progress:
+        if c.logging.progress and self.is_main:
             from tqdm import tqdm
 
             progress = tqdm(total=c.train.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
@@ -302,9 +342,9 @@ class Trainer:
             row["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
             row["tokens"] = self.step * tokens_per_step
             moe = row.pop("_moe", None)
-            if self.step % c.logging.log_every == 0:
+            if self.metrics is not None and self.step % c.logging.log_every == 0:
                 self.metrics.log(row)
-            if moe is not None and self.step % c.logging.moe_stats_every == 0:
+            if self.metrics is not None and moe is not None and self.step % c.logging.moe_stats_every == 0:
                 self.metrics.log_moe(self.step, moe)
             if progress is not None:
                 progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
@@ -312,7 +352,8 @@ class Trainer:
             last = self.step == c.train.max_steps
             if c.train.eval_every > 0 and (self.step % c.train.eval_every == 0 or last):
                 ev = self.evaluate()
-                self.metrics.log({"step": self.step, **ev})
+                if self.metrics is not None:
+                    self.metrics.log({"step": self.step, **ev})
                 log(f"step {self.step}: val_loss {ev['val_loss']:.4f}  val_ppl {ev['val_ppl']:.2f}")
             if _fault("kill_at_step", self.step):
                 _kill_self()
@@ -323,4 +364,5 @@ class Trainer:
             progress.close()
 
     def close(self) -> None:
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()

@@ -1,0 +1,159 @@
+"""Expert parallelism: what a routed layer needs from the process groups, in one object.
+
+Legend: T local tokens (or routed rows), D row width, E experts of the layer (global ids),
+E_loc experts on this rank, K top-k, N local routed rows, R rows received, P ep size.
+
+A routed layer does its routing locally, then calls
+    y_N = ep.run(rows_MD, src_N, tokens_per_expert_E, experts)
+with its assignments already sorted by global expert id (src_N: the row each one reads).
+ep=1: the experts run on rows_MD[src_N] directly. ep=P:
+    1. gather the rows (one copy, already grouped by expert, so by owner rank),
+    2. exchange per-expert counts (all_to_all of E ints)     <- the one host sync
+    3. all_to_all_single the rows with variable split sizes (no padding, autograd),
+    4. regroup the received rows by local expert (they arrive grouped by source rank),
+    5. run the local experts (one grouped matmul per projection),
+    6. undo 4, all_to_all back, and the caller combines with its routing weights.
+Capacity is decided over the whole ep group (capacity_mask), and balancing statistics are
+summed over the whole world (sum_stats), so every loss equals its one-process value on
+the same global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from moe_dist.moe.router import capacity_mask as local_capacity_mask
+from moe_dist.parallel.layout import ParallelLayout, expert_placement
+
+
+# torch 2.13 renamed all_gather_into_tensor to all_gather_single; the GPU machines run 2.11.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class ExpertParallel:
+    def __init__(self, layout: Optional[ParallelLayout] = None):
+        self.layout = layout if layout is not None else ParallelLayout.single()
+        self.size = self.layout.ep
+        self.rank = self.layout.ep_rank
+        self.group = self.layout.ep_group
+        self.world = self.layout.world_size
+        self._owner_cache: dict[tuple[int, str], torch.Tensor] = {}
+
+    # -- placement -----------------------------------------------------------------------
+
+    def local_range(self, num_experts: int) -> tuple[int, int]:
+        starts = expert_placement(num_experts, self.size)
+        return starts[self.rank], starts[self.rank + 1]
+
+    def _owner(self, num_experts: int, device) -> torch.Tensor:
+        """Owner rank of each global expert id, [E] (cached per E and device)."""
+        key = (num_experts, str(device))
+        if key not in self._owner_cache:
+            starts = expert_placement(num_experts, self.size)
+            sizes = torch.tensor([b - a for a, b in zip(starts, starts[1:])], device=device)
+            self._owner_cache[key] = torch.repeat_interleave(torch.arange(self.size, device=device), sizes)
+        return self._owner_cache[key]
+
+    # -- statistics ----------------------------------------------------------------------
+
+    def sum_stats(self, t: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        """Sum over every rank of the world (the global batch). With grad=True, autograd
+        flows back through the sum (its backward sums the gradients over ranks, which the
+        1/world gradient average then turns into the one-process gradient)."""
+        if self.world == 1:
+            return t
+        if grad:
+            from torch.distributed.nn.functional import all_reduce
+
+            return all_reduce(t)
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    def capacity_mask(
+        self, expert_TK: torch.Tensor, num_experts: int, capacity_factor: Optional[float]
+    ) -> torch.Tensor:
+        """Boolean [T, K]: the assignments one process would keep on the ep group's
+        concatenated batch (ranks in order). Priority: choice rank k first, then position in
+        that concatenation (router.py). Capacity = ceil(T_group * K / E * cf)."""
+        if capacity_factor is None or capacity_factor == 0:
+            return torch.ones_like(expert_TK, dtype=torch.bool)
+        T, K = expert_TK.shape
+        if self.size == 1:
+            from moe_dist.moe.router import expert_capacity
+
+            return local_capacity_mask(expert_TK, num_experts, expert_capacity(T, K, num_experts, capacity_factor))
+        E = num_experts
+        # Key (k, e) of every assignment in priority order (k-major, then token).
+        key_P = (torch.arange(K, device=expert_TK.device).unsqueeze(1) * E + expert_TK.t()).reshape(-1)
+        counts_KE = torch.bincount(key_P, minlength=K * E)
+        order = torch.sort(key_P, stable=True).indices
+        starts = torch.cumsum(counts_KE, 0) - counts_KE
+        local_pos = torch.empty_like(key_P)
+        local_pos[order] = torch.arange(key_P.numel(), device=key_P.device) - starts[key_P[order]]
+        # Counts of every rank of the ep group: [P, K, E].
+        gathered = torch.empty(self.size * K * E, dtype=counts_KE.dtype, device=counts_KE.device)
+        _all_gather_single(gathered, counts_KE.contiguous(), group=self.group)
+        gathered = gathered.view(self.size, K, E)
+        total_KE = gathered.sum(0)
+        before_KE = gathered[: self.rank].sum(0)  # same (k, e) on lower ranks
+        earlier_k_KE = torch.cumsum(total_KE, 0) - total_KE  # all ranks, lower choice rank
+        offset_P = (earlier_k_KE + before_KE).reshape(-1)[key_P]
+        group_tokens = int(total_KE.sum().item()) // K  # NOTE: device-to-host sync (small)
+        capacity = math.ceil(round(group_tokens * K / E * capacity_factor, 9))
+        keep_P = (offset_P + local_pos) < capacity
+        return keep_P.view(K, T).t()
+
+    # -- dispatch ------------------------------------------------------------------------
+
+    def run(
+        self,
+        rows_MD: torch.Tensor,
+        src_N: Optional[torch.Tensor],
+        tokens_per_expert_E: torch.Tensor,
+        experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Expert outputs for the sorted assignments, [N, D_out], and the bytes this rank sent
+        to each ep rank (dispatch + combine; the entry of this rank is its local copy).
+        src_N=None: rows_MD is already the sorted assignment rows."""
+        x_ND = rows_MD if src_N is None else rows_MD[src_N]
+        if self.size == 1:
+            return experts(x_ND, tokens_per_expert_E), []
+        from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+
+        P, E = self.size, tokens_per_expert_E.numel()
+        lo, hi = self.local_range(E)
+        E_loc = hi - lo
+        sizes = [b - a for a, b in zip(expert_placement(E, P), expert_placement(E, P)[1:])]
+        # 2. counts exchange: rank j receives, from every source, the counts of j's experts.
+        recv_counts = torch.empty(P * E_loc, dtype=tokens_per_expert_E.dtype, device=x_ND.device)
+        dist.all_to_all_single(
+            recv_counts, tokens_per_expert_E.contiguous(), [E_loc] * P, sizes, group=self.group
+        )
+        owner_E = self._owner(E, x_ND.device)
+        send_rows_P = torch.zeros(P, dtype=tokens_per_expert_E.dtype, device=x_ND.device).index_add(
+            0, owner_E, tokens_per_expert_E
+        )
+        recv_counts_PE = recv_counts.view(P, E_loc)
+        # NOTE: device-to-host sync: all_to_all split sizes must be Python ints.
+        splits = torch.cat([send_rows_P, recv_counts_PE.sum(1)]).tolist()
+        send_splits, recv_splits = splits[:P], splits[P:]
+        # 3. the payload, with autograd.
+        x_RD = wait_tensor(all_to_all_single_autograd(x_ND.contiguous(), recv_splits, send_splits, self.group))
+        # 4. regroup by local expert: rows arrive as [source 0: e0, e1, ...][source 1: ...].
+        label_R = torch.repeat_interleave(
+            torch.arange(E_loc, device=x_ND.device).repeat(P), recv_counts, output_size=x_RD.shape[0]
+        )
+        order_R = torch.sort(label_R, stable=True).indices
+        y_sorted = experts(x_RD[order_R], recv_counts_PE.sum(0))
+        # 6. undo the regrouping, send every row back to its source.
+        y_RD = torch.empty_like(y_sorted).index_copy(0, order_R, y_sorted)
+        y_ND = wait_tensor(all_to_all_single_autograd(y_RD.contiguous(), send_splits, recv_splits, self.group))
+        in_bytes = x_ND.shape[1] * x_ND.element_size()
+        out_bytes = y_ND.shape[1] * y_ND.element_size()
+        sent = [s * in_bytes + r * out_bytes for s, r in zip(send_splits, recv_splits)]
+        return y_ND, sent

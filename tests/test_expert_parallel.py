@@ -1,0 +1,210 @@
+"""Expert parallelism on CPU with gloo: every routed layer at ep=2 and ep=4 equals one
+process on the same global batch (outputs, losses, statistics, every gradient)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY
+from dist_utils import free_port, run_distributed
+from moe_dist.config import AttentionConfig, MoEConfig
+from moe_dist.models.switchhead import SwitchHeadAttention
+from moe_dist.moe.aux import total_aux_loss
+from moe_dist.moe.experts import is_expert_param
+from moe_dist.moe.layer import MoEFFN
+from moe_dist.moe.slice_layer import SliceMoEFFN
+from moe_dist.parallel.expert_parallel import ExpertParallel
+from moe_dist.parallel.grads import reduce_gradients
+from moe_dist.parallel.layout import ParallelLayout, expert_placement
+
+D, B, S = 12, 2, 5
+TOL = dict(rtol=1e-9, atol=1e-12)
+
+
+def make_layer(kind, ep, E, cf):
+    torch.manual_seed(1)
+    if kind == "switchhead":
+        layer = SwitchHeadAttention(D, 2, 6, S, True, 1e4, 0.0, AttentionConfig(num_experts=E, top_k=2, entropy_loss_weight=0.01), "loop", ep=ep)
+    else:
+        cfg = MoEConfig(
+            num_experts=E, top_k=1 if kind.startswith("top1") else 2, d_expert=6, capacity_factor=cf, lb_loss_weight=0.01,
+            z_loss_weight=0.001, entropy_loss_weight=0.01 if kind == "sigmoid" else 0.0, grouped_mm="loop",
+            num_slices=3, slice_router_hidden=8, slice_cap_loss_weight=0.05, num_shared_experts=1 if kind == "top1_shared" else 0,
+        )
+        if kind == "slice":
+            layer = SliceMoEFFN(D, cfg, "relu", ep=ep)
+        else:
+            layer = MoEFFN(D, cfg, "swiglu", score="sigmoid" if kind == "sigmoid" else "softmax", ep=ep)
+    layer = layer.double()
+    layer.reset_parameters(0.5, 0.5)
+    layer.shard_experts()
+    return layer
+
+
+def num_global_experts(kind, E):
+    return 2 * E if kind == "switchhead" else E
+
+
+def forward(layer, x, setup):
+    if setup is not None:
+        setup(layer)
+    y, aux = layer(x)
+    return y, aux if isinstance(aux, list) else [aux]
+
+
+def _parity_worker(rank, world, ep_size, kind, E, cf, scenario):
+    layout = ParallelLayout.build(rank, world, 0, ep_size)
+    ep = ExpertParallel(layout)
+    ref, layer = make_layer(kind, ExpertParallel(), E, cf), make_layer(kind, ep, E, cf)
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(world * B, S, D, generator=g, dtype=torch.float64)
+    Gy = torch.randn(world * B, S, D, generator=g, dtype=torch.float64)
+    setup = None
+    if scenario in ("empty_expert", "empty_rank", "rank_all_dropped"):
+        X = X.abs()  # positive inputs: a negative router row means "never chosen"
+
+        def setup(m):
+            with torch.no_grad():
+                if scenario == "empty_expert":
+                    m.router.weight[E - 1] = -5.0  # the last expert gets no token
+                elif scenario == "empty_rank":
+                    lo = expert_placement(E, 2)[1]
+                    m.router.weight[lo:] = -5.0  # experts of ep rank 1 get nothing
+                else:
+                    m.router.weight.zero_()
+                    m.router.weight[0] = 5.0  # everything to expert 0: rank 0's tokens fill it
+
+    rows = slice(rank * B, (rank + 1) * B)
+    x_ref = X.clone().requires_grad_()
+    y_ref, aux_ref = forward(ref, x_ref, setup)
+    ((y_ref * Gy).mean() + total_aux_loss(aux_ref)).backward()
+    x = X[rows].clone().requires_grad_()
+    y, aux = forward(layer, x, setup)
+    ((y * Gy[rows]).mean() + total_aux_loss(aux)).backward()
+    reduce_gradients(layer, layout)
+
+    torch.testing.assert_close(y, y_ref[rows], **TOL)
+    torch.testing.assert_close(total_aux_loss(aux), total_aux_loss(aux_ref), **TOL)
+    for a, r in zip(aux, aux_ref):
+        assert torch.equal(a.tokens_per_expert, r.tokens_per_expert)
+        assert a.dropped.item() == r.dropped.item() and a.assignments == r.assignments
+    if scenario == "empty_expert":
+        assert aux[0].tokens_per_expert[E - 1].item() == 0
+    if scenario == "empty_rank" and ep.rank == 1:
+        assert sum(aux[0].sent_bytes) == 0 or aux[0].sent_bytes[1] >= 0  # nothing routed to rank 1
+    if scenario == "rank_all_dropped" and ep.rank == 1:
+        assert (y.abs().sum(dim=-1) == 0).all()  # every token of this rank was dropped
+    # The local input gradient is world x the global one (each rank's loss is its mean).
+    torch.testing.assert_close(x.grad / world, x_ref.grad[rows], **TOL)
+    ref_params = dict(ref.named_parameters())
+    lo, hi = ep.local_range(num_global_experts(kind, E))
+    for name, p in layer.named_parameters():
+        want = ref_params[name].grad
+        if is_expert_param(p):
+            want = want[lo:hi]
+        torch.testing.assert_close(p.grad, want, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize(
+    "kind, E, cf",
+    [("softmax", 6, 1.0), ("softmax", 5, None), ("top1_shared", 7, 1.25), ("sigmoid", 6, None), ("slice", 5, 0.9), ("switchhead", 3, None)],
+)
+@pytest.mark.parametrize("world", [2, 4])
+def test_layer_parity_with_one_process(kind, E, cf, world):
+    run_distributed(_parity_worker, world, world, kind, E, cf, None)
+
+
+@pytest.mark.parametrize("scenario", ["empty_expert", "empty_rank", "rank_all_dropped"])
+def test_edge_cases(scenario):
+    cf = 1.0 if scenario == "rank_all_dropped" else None
+    run_distributed(_parity_worker, 2, 2, "top1" if scenario == "rank_all_dropped" else "softmax", 6, cf, scenario)
+
+
+def test_dp_times_ep_layout():
+    """world 4 = dp 2 x ep 2: expert grads reduced over the expert-data-parallel group."""
+    run_distributed(_parity_worker, 4, 2, "softmax", 5, None, None)
+
+
+def test_uneven_placement():
+    assert expert_placement(387, 4) == [0, 97, 194, 291, 387]  # 97/97/97/96
+    assert expert_placement(6, 4) == [0, 2, 4, 5, 6]
+    from moe_dist.errors import LaunchError
+
+    with pytest.raises(LaunchError, match="3 experts cannot be sharded over parallel.ep=4 ranks"):
+        expert_placement(3, 4)
+
+
+def _capacity_worker(rank, world):
+    """Capacity over the ep group: exactly the one-process drops, rank order = batch order."""
+    layout = ParallelLayout.build(rank, world, 0, world)
+    ep = ExpertParallel(layout)
+    g = torch.Generator().manual_seed(5)
+    expert_global = torch.randint(0, 4, (world * 6, 2), generator=g)
+    expert_global[:, 1] = (expert_global[:, 0] + 1 + torch.randint(0, 3, (world * 6,), generator=g)) % 4
+    want = ExpertParallel().capacity_mask(expert_global, 4, 0.75)
+    got = ep.capacity_mask(expert_global[rank * 6 : (rank + 1) * 6], 4, 0.75)
+    assert torch.equal(got, want[rank * 6 : (rank + 1) * 6])
+    assert (~want).sum() > 0  # the case has drops
+
+
+def test_capacity_matches_one_process():
+    run_distributed(_capacity_worker, 4)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def torchrun(nproc, run_dir, *overrides, steps=10):
+    args = TINY + [
+        f"run.dir={run_dir}", f"train.max_steps={steps}", "train.eval_every=5", "checkpoint.every=5",
+        "data.rank_split=batch", "moe.capacity_factor=1.0", "model.attention=switchhead", "model.n_heads=2",
+        "attention.num_experts=3", *overrides,
+    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+           "-m", "moe_dist.train", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [(r["step"], r.get("loss"), r.get("lm_loss"), r.get("aux_loss"), r.get("val_loss")) for r in rows]
+
+
+def test_training_ep2_matches_ep1(tmp_path):
+    """Ten steps at ep=2 (2 processes) give the losses of one process on the same global batch."""
+    one = torchrun(1, tmp_path / "ep1", "train.micro_batch_size=8")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(2, tmp_path / "ep2", "train.micro_batch_size=4", "parallel.ep=2", "parallel.attention_experts=sharded")
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = losses(tmp_path / "ep1"), losses(tmp_path / "ep2")
+    assert [r[0] for r in a] == [r[0] for r in b] and len([r for r in a if r[1] is not None]) == 10
+    for ra, rb in zip(a, b):
+        for va, vb in zip(ra[1:], rb[1:]):
+            assert (va is None) == (vb is None)
+            if va is not None:
+                assert abs(va - vb) <= 1e-5 * max(1.0, abs(va)), (ra, rb)
+    # The per-rank checkpoint files of the ep=2 run hold each rank's expert shard.
+    assert sorted(os.listdir(tmp_path / "ep2" / "checkpoints" / "step_00000010")) == [
+        "config.yaml", "meta.json", "state_rank00000.pt", "state_rank00001.pt"]
+
+
+def test_torchrun_four_processes_trains_and_resumes(tmp_path):
+    run = tmp_path / "ep4"
+    p = torchrun(4, run, "parallel.ep=4", "train.micro_batch_size=2", "data.rank_split=shards", steps=6)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [r for r in losses(run) if r[1] is not None]
+    assert len(rows) == 6 and rows[-1][2] < rows[0][2]
+    p = torchrun(4, run, "parallel.ep=4", "train.micro_batch_size=2", "data.rank_split=shards", "train.resume=auto", steps=8)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout and [r[0] for r in losses(run) if r[1] is not None] == list(range(1, 9))
+
+
+def test_ep_not_dividing_world_is_an_error(tmp_path):
+    p = torchrun(2, tmp_path / "bad", "parallel.ep=3")
+    assert p.returncode != 0
+    assert "error: parallel.ep=3 does not divide the world size WORLD_SIZE=2" in p.stderr
