@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One process on this machine (CPU, or the first GPU when there is one).
 #   launch/single.sh configs/quickstart.yaml train.max_steps=50 run.dir=/tmp/r1
-# Multi-process launchers (torchrun, deepspeed, mpirun, SLURM) arrive with expert parallelism.
+# Several processes: torchrun --standalone --nproc_per_node=N -m moe_dist.train ... (README,
+# "Expert parallelism"); deepspeed, mpirun and SLURM scripts are still to come.
 set -euo pipefail
 config=${1:?usage: launch/single.sh CONFIG [section.key=value ...]}
 shift

@@ -123,8 +123,9 @@ class MoEConfig:
     """beta of the router z-loss beta * mean(logsumexp(logits)^2)."""
     expert_init_scale: float = 1.0
     """Multiplies the init std of expert weights (Switch Transformer uses 0.1)."""
-    grouped_mm: Literal["auto", "torch", "loop"] = "auto"
-    """Local expert compute: torch._grouped_mm, a per-expert loop, or auto (see ops/grouped_mm)."""
+    grouped_mm: Literal["auto", "triton", "torch", "loop"] = "auto"
+    """Local expert compute: our Triton kernels (CUDA), torch._grouped_mm, a per-expert loop,
+    or auto (see ops/grouped_mm)."""
     entropy_loss_weight: float = 0.0
     """sigma-MoE/MoEUT entropy regulariser weight: sum_e p_e log p_e of the batch-mean router
     softmax, pooled over all repeats of a shared layer."""

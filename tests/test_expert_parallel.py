@@ -98,6 +98,21 @@ def _parity_worker(rank, world, ep_size, kind, E, cf, scenario):
         assert sum(aux[0].sent_bytes) == 0 or aux[0].sent_bytes[1] >= 0  # nothing routed to rank 1
     if scenario == "rank_all_dropped" and ep.rank == 1:
         assert (y.abs().sum(dim=-1) == 0).all()  # every token of this rank was dropped
+    if isinstance(layer, MoEFFN):
+        # Communication accounting: bytes to rank j = rows routed to j's experts (D in) +
+        # rows j routed to ours, returned (D out), float64; from the one-process routing.
+        with torch.no_grad():
+            expert_TK, _, keep_TK, _ = ref.route(X.view(-1, D))
+        starts = expert_placement(E, ep.size)
+        owner_TK = torch.bucketize(expert_TK, torch.tensor(starts[1:-1]), right=True)
+        src_TK = (torch.arange(expert_TK.shape[0]) // (B * S) % ep.size).unsqueeze(1).expand_as(expert_TK)
+        group = torch.arange(expert_TK.shape[0]) // (B * S) // ep.size == rank // ep.size
+        mine = group.unsqueeze(1) & keep_TK
+        want = [
+            int(((src_TK == ep.rank) & (owner_TK == j) & mine).sum() + ((src_TK == j) & (owner_TK == ep.rank) & mine).sum()) * D * 8
+            for j in range(ep.size)
+        ]
+        assert aux[0].sent_bytes == want, (aux[0].sent_bytes, want)
     # The local input gradient is world x the global one (each rank's loss is its mean).
     torch.testing.assert_close(x.grad / world, x_ref.grad[rows], **TOL)
     ref_params = dict(ref.named_parameters())
@@ -208,3 +223,53 @@ def test_ep_not_dividing_world_is_an_error(tmp_path):
     p = torchrun(2, tmp_path / "bad", "parallel.ep=3")
     assert p.returncode != 0
     assert "error: parallel.ep=3 does not divide the world size WORLD_SIZE=2" in p.stderr
+
+
+def _lm_parity_worker(rank, world, overrides):
+    """A whole MoEUT model (shared groups applied twice, SwitchHead + sigma-MoE, capacity)
+    at ep=world against one process on the global batch: loss and every gradient."""
+    from moe_dist.config import load_config
+    from moe_dist.models.transformer import LM, lm_loss
+
+    cfg = load_config(None, [
+        "model.d_model=16", "model.n_layers=4", "model.group_size=2", "model.n_heads=2", "model.head_dim=8",
+        "model.norm=peri", "model.attention=switchhead", "model.ffn=sigma_moe", "moe.num_experts=7", "moe.top_k=2",
+        "moe.d_expert=8", "moe.capacity_factor=1.0", "moe.entropy_loss_weight=0.01", "attention.num_experts=3",
+        "attention.entropy_loss_weight=0.01", "data.seq_len=8", "moe.grouped_mm=loop", f"parallel.ep={world}",
+        *overrides,
+    ])
+    layout = ParallelLayout.build(rank, world, 0, world)
+    torch.manual_seed(0)
+    ref = LM(cfg, 40).double()
+    torch.manual_seed(0)
+    model = LM(cfg, 40, layout).double()
+    idx = torch.randint(0, 40, (world * 2, 9), generator=torch.Generator().manual_seed(3))
+    out_ref = ref(idx[:, :-1])
+    (lm_loss(out_ref.logits, idx[:, 1:]) + out_ref.aux_loss).backward()
+    mine = idx[rank * 2 : (rank + 1) * 2]
+    out = model(mine[:, :-1])
+    loss = lm_loss(out.logits, mine[:, 1:]) + out.aux_loss
+    loss.backward()
+    reduce_gradients(model, layout)
+    assert len(out.moe) == len(out_ref.moe) == 12  # 4 layers x (attn src, attn dst, ffn)
+    for a, r in zip(out.moe, out_ref.moe):
+        assert torch.equal(a.tokens_per_expert, r.tokens_per_expert) and a.dropped.item() == r.dropped.item()
+        torch.testing.assert_close(a.loss, r.loss, **TOL, msg=lambda m: f"{a.label} loss: {m}")
+        if r.probs_sum is not None:
+            torch.testing.assert_close(a.probs_sum, r.probs_sum, **TOL, msg=lambda m: f"{a.label} probs: {m}")
+    torch.testing.assert_close(out.aux_loss, out_ref.aux_loss, **TOL)
+    ref_params = dict(ref.named_parameters())
+    n_sharded = 0
+    for name, p in model.named_parameters():
+        want = ref_params[name].grad
+        if is_expert_param(p):
+            n_sharded += 1
+            want = want[slice(*model.ep.local_range(want.shape[0]))]
+        torch.testing.assert_close(p.grad, want, **TOL, msg=lambda m: f"{name}: {m}")
+    sharded = cfg.parallel.attention_experts == "sharded"
+    assert n_sharded == 2 * (2 + (2 if sharded else 0))  # per distinct block: FFN in/out (+ V, O)
+
+
+@pytest.mark.parametrize("placement", ["sharded", "replicated"])
+def test_moeut_model_parity(placement):
+    run_distributed(_lm_parity_worker, 2, [f"parallel.attention_experts={placement}"])

@@ -73,7 +73,7 @@ def build_attention(cfg: Config, ep: ExpertParallel) -> nn.Module:
     if m.attention == "switchhead":
         # Replicated placement: every rank holds every attention expert (a local
         # ExpertParallel); sharded: the V/O experts are spread over the ep group.
-        placement = ep if cfg.parallel.attention_experts == "sharded" else ExpertParallel()
+        placement = ep if cfg.parallel.attention_experts == "sharded" else ExpertParallel(ep.layout, shard=False)
         return SwitchHeadAttention(*args, cfg.attention, backend=cfg.moe.grouped_mm, ep=placement)
     return CausalSelfAttention(*args)
 

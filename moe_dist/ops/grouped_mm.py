@@ -1,27 +1,53 @@
-"""The one grouped matmul that every MoE layer's local expert compute goes through.
+"""The grouped matmuls that every MoE layer's local expert compute goes through.
 
     y_NF = grouped_mm(x_ND, w_EDF, tokens_per_expert_E)
+    y    = scatter_grouped_mm(x, w_EDF, tokens_per_expert_E, slot_N=, gather_div=, scatter_div=, ...)
+    y_TD = expert_mlp(x_TD, w_in_EDH, w_out_EFD, tokens_per_expert_E, slot_N, top_k, weight_N, act)
 
-Rows of x are sorted by expert: the first tokens_per_expert[0] rows belong to expert 0, and
+Rows are sorted by expert: the first tokens_per_expert[0] routed rows belong to expert 0, and
 so on; each group is multiplied by its expert's [D, F] matrix. Experts with no rows are fine.
+grouped_mm takes the rows already permuted. scatter_grouped_mm and expert_mlp take the
+un-permuted token matrix and each row's assignment slot instead, so that with the Triton
+backend the permutation, the activation, the routing weight and the sum over a token's k
+rows never make an extra pass over memory (ScatterMoE's design).
 
-Legend: N routed rows (sum of tokens_per_expert), D input dim, F output dim, E experts.
+Legend: T tokens, K top-k, N routed rows (sum of tokens_per_expert), D input dim, F output
+dim, H = F * hidden multiplier, E experts. slot_N: each row's index in the flattened [T, K]
+choices (for a top-k MoE), so its token is token_N = slot_N // K.
 
 Backends (moe.grouped_mm):
-  loop  - grouped_mm_reference: one matmul per expert. The readable reference, and the
-          fastest on CPU: measured here (2 cores, torch 2.13, 8 experts x 1024 rows,
-          256 -> 512, fp32) 16 ms against 33 ms for torch._grouped_mm.
-  torch - torch._grouped_mm (F.grouped_mm): one fused launch, no host sync, on CUDA.
-  auto  - torch on CUDA in bf16 (what its CUDA kernel supports everywhere), loop elsewhere.
-The Triton kernels of a later issue plug in here, so that no layer changes.
+  loop   - grouped_mm_reference: one matmul per expert. The readable reference, and the
+           fastest on CPU: measured here (2 cores, torch 2.13, 8 experts x 1024 rows,
+           256 -> 512, fp32) 16 ms against 33 ms for torch._grouped_mm.
+  torch  - torch._grouped_mm (F.grouped_mm): one fused launch, no host sync, on CUDA.
+  triton - moe_dist/kernels: Triton grouped GEMMs with the gather/scatter fused; no host sync.
+           CUDA; on CPU only under TRITON_INTERPRET=1 (the tests).
+  auto   - torch._grouped_mm on CUDA in bf16, loop elsewhere. The Triton kernels pass every
+           interpreter test but have not yet been compiled and timed on a GPU, so they are
+           opt-in (moe.grouped_mm=triton) until tools/bench_grouped_gemm.py has run on one.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
+from moe_dist.ops.activations import activation
+
 _torch_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FUSED_ACTS = ("none", "relu", "swiglu")  # activations the kernels apply inside their loads
+
+
+def _kernels():
+    """The Triton modules, imported on first use: their import fixes compiled vs interpreted."""
+    from moe_dist.kernels import grouped_gemm, schedule
+
+    return grouped_gemm, schedule
 
 
 def grouped_mm_reference(x_ND: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
@@ -55,26 +81,210 @@ def _torch_ok(x_ND: torch.Tensor, w_EDF: torch.Tensor) -> bool:
     return (x_ND.shape[1] * item) % 16 == 0 and (w_EDF.shape[2] * item) % 16 == 0
 
 
+def _resolve(backend: str, x: torch.Tensor, w_EDF: torch.Tensor) -> str:
+    """'auto' -> a concrete backend; refuse a named one that cannot run these tensors."""
+    if backend == "auto":
+        return "torch" if x.is_cuda and x.dtype == torch.bfloat16 and _torch_ok(x, w_EDF) else "loop"
+    if backend == "triton":
+        if not _HAS_TRITON or x.dtype not in _TRITON_DTYPES:
+            raise ValueError(f"moe.grouped_mm=triton needs Triton and fp32/fp16/bf16, got {x.dtype}")
+        if not x.is_cuda and not _kernels()[0].INTERPRET:
+            raise ValueError("moe.grouped_mm=triton needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
+        return backend
+    if backend == "torch":
+        if not _torch_ok(x, w_EDF):
+            raise ValueError(
+                f"moe.grouped_mm=torch cannot run dtype {x.dtype} with dims "
+                f"{x.shape[1]}x{w_EDF.shape[2]} (needs fp32/bf16/fp16, 16-byte aligned rows)"
+            )
+        return backend
+    if backend == "loop":
+        return backend
+    raise ValueError(f"unknown grouped_mm backend {backend!r}")
+
+
+# ---- torch.library custom ops over the launchers: opaque to torch.compile, with fake impls ----
+
+
+@torch.library.custom_op("moe_dist::block_schedule", mutates_args=())
+def _block_schedule_op(tokens_per_expert_E: torch.Tensor, num_rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels()[1].block_schedule(tokens_per_expert_E, num_rows, block_m)
+
+
+@_block_schedule_op.register_fake
+def _(tokens_per_expert_E, num_rows, block_m):
+    E = tokens_per_expert_E.shape[0]
+    B = (num_rows + block_m - 1) // block_m + E  # kernels.schedule.num_blocks_bound
+    return tokens_per_expert_E.new_empty(E + 1, dtype=torch.int32), tokens_per_expert_E.new_empty(2, B, dtype=torch.int32)
+
+
+@torch.library.custom_op("moe_dist::grouped_gemm", mutates_args=())
+def _grouped_gemm_op(
+    a: torch.Tensor, b: torch.Tensor, offs_E1: torch.Tensor, sched_2B: torch.Tensor,
+    a_idx_N: Optional[torch.Tensor], c_idx_N: Optional[torch.Tensor], scale_N: Optional[torch.Tensor],
+    x: Optional[torch.Tensor], x_idx_N: Optional[torch.Tensor],
+    out_rows: int, act_a: str, epi_act: str, want_dscale: bool, block_m: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    c, dscale_N = _kernels()[0].grouped_gemm(
+        a, b, offs_E1, sched_2B, block_m=block_m, a_idx_N=a_idx_N, c_idx_N=c_idx_N, out_rows=out_rows,
+        scale_N=scale_N, act_a=act_a, epi_act=epi_act, x=x, x_idx_N=x_idx_N, want_dscale=want_dscale,
+    )  # fmt: skip
+    return c, dscale_N if dscale_N is not None else a.new_empty(0, dtype=torch.float32)
+
+
+@_grouped_gemm_op.register_fake
+def _(a, b, offs_E1, sched_2B, a_idx_N, c_idx_N, scale_N, x, x_idx_N, out_rows, act_a, epi_act, want_dscale, block_m):
+    N = a_idx_N.shape[0] if a_idx_N is not None else a.shape[0]
+    width = b.shape[2] * (2 if epi_act == "swiglu" else 1)
+    return a.new_empty(out_rows, width), a.new_empty(N if want_dscale else 0, dtype=torch.float32)
+
+
+@torch.library.custom_op("moe_dist::grouped_wgrad", mutates_args=())
+def _grouped_wgrad_op(
+    a: torch.Tensor, b: torch.Tensor, offs_E1: torch.Tensor, a_idx_N: Optional[torch.Tensor],
+    b_idx_N: Optional[torch.Tensor], scale_N: Optional[torch.Tensor], act_a: str,
+) -> torch.Tensor:  # fmt: skip
+    return _kernels()[0].grouped_wgrad(a, b, offs_E1, a_idx_N=a_idx_N, b_idx_N=b_idx_N, scale_N=scale_N, act_a=act_a)
+
+
+@_grouped_wgrad_op.register_fake
+def _(a, b, offs_E1, a_idx_N, b_idx_N, scale_N, act_a):
+    width = 2 if act_a == "swiglu" else 1
+    return a.new_empty(offs_E1.shape[0] - 1, a.shape[1] // width, b.shape[1])
+
+
+class _ScatterGroupedMM(torch.autograd.Function):
+    """y = scatter(scale_N * act(gather(x)) @ w[e]) on the Triton kernels (see scatter_grouped_mm).
+
+    Slots: row n is assignment slot_N[n] of M; it reads x[src_N[n]] (src = slot // gdiv) when
+    gathering, and lands in output row dst_N[n] (dst = slot // sdiv) when scattering, written
+    into an [M, F] buffer whose sdiv slots per output row are then summed (no atomics).
+    Backward, with dy read in place (gathered by dst when the forward scattered):
+      dx  = scatter(act'(x) * scale_N * (dy @ w^T))   one kernel; d scale_N from its epilogue
+      dw  = act(gather(x))^T @ (scale_N * dy)          one kernel per expert tile
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_EDF, offs_E1, sched_2B, slot_N, src_N, dst_N, scale_N, act, gdiv, sdiv, n_out, block_m):
+        N = slot_N.shape[0] if gdiv else x.shape[0]
+        c, _ = torch.ops.moe_dist.grouped_gemm(
+            x, w_EDF, offs_E1, sched_2B, src_N if gdiv else None, slot_N if sdiv else None,
+            scale_N, None, None, n_out * sdiv if sdiv else N, act, "none", False, block_m,
+        )  # fmt: skip
+        ctx.save_for_backward(x, w_EDF, offs_E1, sched_2B, slot_N, src_N, dst_N, scale_N)
+        ctx.cfg = (N, act, gdiv, sdiv, block_m)
+        return c.view(n_out, sdiv, -1).sum(1) if sdiv > 1 else c
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_EDF, offs_E1, sched_2B, slot_N, src_N, dst_N, scale_N = ctx.saved_tensors
+        N, act, gdiv, sdiv, block_m = ctx.cfg
+        need_x, need_w, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[7]
+        dy_idx = dst_N if sdiv else None
+        x_idx = src_N if gdiv else None
+        dx = dw = dscale = None
+        if need_x or need_s:
+            use_x = act != "none" or need_s
+            dpre, dscale = torch.ops.moe_dist.grouped_gemm(
+                dy, w_EDF.transpose(1, 2), offs_E1, sched_2B, dy_idx, slot_N if gdiv else None, scale_N,
+                x if use_x else None, x_idx if use_x else None, x.shape[0] * gdiv if gdiv else N,
+                "none", act, need_s, block_m,
+            )  # fmt: skip
+            dx = dpre.view(x.shape[0], gdiv, -1).sum(1) if gdiv > 1 else dpre
+            dscale = dscale.to(scale_N.dtype) if need_s else None
+        if need_w:
+            dw = torch.ops.moe_dist.grouped_wgrad(x, dy, offs_E1, x_idx, dy_idx, scale_N, act)
+        return dx, dw, None, None, None, None, None, dscale, None, None, None, None, None
+
+
+def _plan(tokens_per_expert_E: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Block schedule (on device, no sync) shared by every GEMM over the same routed rows."""
+    block_m = _kernels()[0].pick_block_m(num_rows, tokens_per_expert_E.shape[0])
+    offs_E1, sched_2B = torch.ops.moe_dist.block_schedule(tokens_per_expert_E, num_rows, block_m)
+    return offs_E1, sched_2B, block_m
+
+
+def _sgmm(x, w_EDF, counts_E, slot_N, gdiv, sdiv, n_out, scale_N, act, backend, plan=None):
+    """scatter_grouped_mm after argument checks; plan: a shared _plan for the triton backend."""
+    src_N = torch.div(slot_N, gdiv, rounding_mode="floor") if gdiv else None
+    dst_N = torch.div(slot_N, sdiv, rounding_mode="floor") if sdiv else None
+    if backend != "triton":  # the unfused torch path: permuted copy, activation, combine
+        a = x[src_N] if gdiv else x
+        y = grouped_mm(activation(a, act) if act != "none" else a, w_EDF, counts_E, backend)
+        if scale_N is not None:
+            y = y * scale_N.to(y.dtype).unsqueeze(1)
+        return y.new_zeros(n_out, y.shape[1]).index_add(0, dst_N, y) if sdiv else y
+    if act not in _FUSED_ACTS:  # e.g. gelu: elementwise, so applying it before the gather is the same
+        x, act = activation(x, act), "none"
+    N = slot_N.shape[0] if gdiv else x.shape[0]
+    offs_E1, sched_2B, block_m = plan if plan is not None else _plan(counts_E, N)
+    return _ScatterGroupedMM.apply(
+        x, w_EDF, offs_E1, sched_2B, slot_N, src_N, dst_N, scale_N, act, gdiv, sdiv, n_out, block_m
+    )
+
+
+def scatter_grouped_mm(
+    x: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor, *,
+    slot_N: Optional[torch.Tensor] = None, gather_div: int = 0, scatter_div: int = 0,
+    num_out: Optional[int] = None, scale_N: Optional[torch.Tensor] = None, act: str = "none",
+    backend: str = "auto",
+) -> torch.Tensor:  # fmt: skip
+    """y = scatter(scale_N * act(gather(x)) @ w[e]) over the routed rows, sorted by expert.
+
+    Row n is assignment slot_N[n] (distinct, of M slots: M = T * K for a top-k MoE).
+      gather_div g > 0:  x holds M / g rows and row n reads x[slot // g] in place; g = 0: x is x_ND.
+      scatter_div s > 0: y has num_out = M / s rows, row r the sum of the rows with slot // s == r
+                         (dropped slots give zero); s = 0: y is y_ND, sorted like x_ND.
+    A top-k MoE layer has g = s = K (token = slot // K); SwitchHead's value projection reads
+    token slot // (H*K) and writes (token, head) row slot // K. num_out defaults to x.shape[0]
+    * g // s when gathering. scale_N multiplies row n's output (the routing weight), in the
+    kernel's epilogue; act ("relu", "swiglu": inside the kernel's load) applies to x's rows.
+    sum(tokens_per_expert_E) must equal the number of rows.
+    """
+    if (gather_div or scatter_div) and slot_N is None:
+        raise ValueError("gather/scatter need slot_N")
+    if scatter_div and num_out is None:
+        if not gather_div:
+            raise ValueError("scatter without gather needs num_out")
+        num_out = x.shape[0] * gather_div // scatter_div
+    if w_EDF.dtype != x.dtype:
+        w_EDF = w_EDF.to(x.dtype)
+    backend = _resolve(backend, x, w_EDF)
+    return _sgmm(x, w_EDF, tokens_per_expert_E, slot_N, gather_div, scatter_div, num_out, scale_N, act, backend)
+
+
+def expert_mlp(
+    x_TD: torch.Tensor, w_in_EDH: torch.Tensor, w_out_EFD: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+    slot_N: torch.Tensor, top_k: int, weight_N: Optional[torch.Tensor], act: str, backend: str = "auto",
+) -> torch.Tensor:  # fmt: skip
+    """The routed experts of a token-choice MoE layer, dispatch and combine included:
+
+        h_NH = x_TD[token_N] @ w_in[e]                    gather fused into the load
+        y_TD = sum over a token's rows of weight_N * act(h_NH) @ w_out[e]
+                                                          act in the load, weight + scatter in the store
+    slot_N: the kept assignments (indices into the flattened [T, K] choices) sorted by
+    expert, token_N = slot_N // top_k; weight_N their routing weights (None: 1). On the
+    torch/loop backends this is exactly LocalDispatcher.dispatch -> GroupedExperts ->
+    LocalDispatcher.combine.
+    """
+    T = x_TD.shape[0]
+    w_in_EDH, w_out_EFD = w_in_EDH.to(x_TD.dtype), w_out_EFD.to(x_TD.dtype)
+    backend = _resolve(backend, x_TD, w_in_EDH)
+    plan = _plan(tokens_per_expert_E, slot_N.shape[0]) if backend == "triton" else None
+    h_NH = _sgmm(x_TD, w_in_EDH, tokens_per_expert_E, slot_N, top_k, 0, None, None, "none", backend, plan)
+    return _sgmm(h_NH, w_out_EFD, tokens_per_expert_E, slot_N, 0, top_k, T, weight_N, act, backend, plan)
+
+
 def grouped_mm(
     x_ND: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor, backend: str = "auto"
 ) -> torch.Tensor:
     if w_EDF.dtype != x_ND.dtype:
         w_EDF = w_EDF.to(x_ND.dtype)
-    if backend == "auto":
-        use_torch = x_ND.is_cuda and x_ND.dtype == torch.bfloat16 and _torch_ok(x_ND, w_EDF)
-    elif backend == "torch":
-        if not _torch_ok(x_ND, w_EDF):
-            raise ValueError(
-                f"moe.grouped_mm=torch cannot run dtype {x_ND.dtype} with dims "
-                f"{x_ND.shape[1]}x{w_EDF.shape[2]} (needs fp32/bf16/fp16, 16-byte aligned rows)"
-            )
-        use_torch = True
-    elif backend == "loop":
-        use_torch = False
-    else:
-        raise ValueError(f"unknown grouped_mm backend {backend!r}")
-    if not use_torch:
+    backend = _resolve(backend, x_ND, w_EDF)
+    if backend == "loop":
         return grouped_mm_reference(x_ND, w_EDF, tokens_per_expert_E)
+    if backend == "triton":
+        return _sgmm(x_ND, w_EDF, tokens_per_expert_E, None, 0, 0, None, None, "none", backend)
     offs_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
     y_NF = _torch_grouped_mm(x_ND.contiguous(), w_EDF.contiguous(), offs=offs_E)
     return _ContiguousGrad.apply(y_NF)

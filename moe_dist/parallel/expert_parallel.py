@@ -34,12 +34,32 @@ from moe_dist.parallel.layout import ParallelLayout, expert_placement
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the world with autograd: the backward of a sum that every rank uses is the
+    sum of every rank's gradient. Written here because torch.distributed.nn's all_reduce
+    is deprecated and the functional all_reduce that replaces it has no autograd."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class ExpertParallel:
-    def __init__(self, layout: Optional[ParallelLayout] = None):
+    def __init__(self, layout: Optional[ParallelLayout] = None, shard: bool = True):
+        """shard=False: every rank holds every expert (replicated placement) but the
+        balancing statistics are still summed over the world's global batch."""
         self.layout = layout if layout is not None else ParallelLayout.single()
-        self.size = self.layout.ep
-        self.rank = self.layout.ep_rank
-        self.group = self.layout.ep_group
+        self.size = self.layout.ep if shard else 1
+        self.rank = self.layout.ep_rank if shard else 0
+        self.group = self.layout.ep_group if shard else None
         self.world = self.layout.world_size
         self._owner_cache: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -67,9 +87,7 @@ class ExpertParallel:
         if self.world == 1:
             return t
         if grad:
-            from torch.distributed.nn.functional import all_reduce
-
-            return all_reduce(t)
+            return _AllReduceSum.apply(t)
         t = t.clone()
         dist.all_reduce(t)
         return t
