@@ -78,7 +78,8 @@ class MoEFFN(nn.Module):
         expert_TK, weight_TK, keep_TK, aux = self.route(x_route_TD)
         # 1. sort kept assignments by expert  2. expert FFNs (across ranks under ep)
         # 3. scale by routing weight and scatter-add into the tokens
-        assignment_N, tokens_per_expert_E = sort_by_expert(expert_TK.reshape(-1), keep_TK.reshape(-1), self.num_experts)
+        keep_P = None if self.cfg.dropless else keep_TK.reshape(-1)  # dropless: no mask, no sync
+        assignment_N, tokens_per_expert_E = sort_by_expert(expert_TK.reshape(-1), keep_P, self.num_experts)
         token_N = torch.div(assignment_N, self.top_k, rounding_mode="floor")
         y_ND, aux.sent_bytes = self.ep.run(x_TD, token_N, tokens_per_expert_E, self.experts)
         w_N = weight_TK.reshape(-1)[assignment_N].to(y_ND.dtype)

@@ -121,8 +121,8 @@ class ExpertParallel:
         before_KE = gathered[: self.rank].sum(0)  # same (k, e) on lower ranks
         earlier_k_KE = torch.cumsum(total_KE, 0) - total_KE  # all ranks, lower choice rank
         offset_P = (earlier_k_KE + before_KE).reshape(-1)[key_P]
-        group_tokens = int(total_KE.sum().item()) // K  # NOTE: device-to-host sync (small)
-        capacity = math.ceil(round(group_tokens * K / E * capacity_factor, 9))
+        # Every rank routes the same number of rows (equal micro-batches): no sync needed.
+        capacity = math.ceil(round(T * self.size * K / E * capacity_factor, 9))
         keep_P = (offset_P + local_pos) < capacity
         return keep_P.view(K, T).t()
 

@@ -282,6 +282,7 @@ class Trainer:
         accum = self.cfg.train.grad_accum_steps
         totals = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0}
         counts, dropped, assigned, labels = None, None, None, None
+        sent: dict[str, list[int]] = {}
         B, r = self.cfg.train.micro_batch_size, self.layout.rank
         for batch in batches:
             if self.cfg.data.rank_split == "batch" and self.layout.distributed:
@@ -307,6 +308,12 @@ class Trainer:
                     x + a.assignments for x, a in zip(assigned, out.moe)
                 ]
                 labels = [(a.label, a.tokens_per_expert.numel()) for a in out.moe]
+                # Bytes this rank sent to each ep rank, per routed call (host ints already):
+                # kept for the traffic dashboards.
+                for a in out.moe:
+                    if a.sent_bytes:
+                        acc = sent.setdefault(a.label, [0] * len(a.sent_bytes))
+                        sent[a.label] = [x + y for x, y in zip(acc, a.sent_bytes)]
         reduce_gradients(self.model, self.layout)
         grad_norm = clip_grad_norm(self.model, self.layout, self.cfg.optim.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -315,6 +322,7 @@ class Trainer:
         self.model.update_balance_biases()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.last_sent_bytes = sent
         row = {"step": self.step, **totals, "lr": lr, "grad_norm": grad_norm.item()}
         if counts is not None:
             dropped_l, flat = dropped.tolist(), counts.tolist()
