@@ -26,15 +26,20 @@ def main(argv=None) -> int:
         from moe_dist.config import load_config
         from moe_dist.trainer.trainer import Trainer
 
+        from moe_dist.parallel.layout import destroy
+
         cfg = load_config(args.config, args.overrides)
         trainer = Trainer(cfg)
         try:
             trainer.fit()
         finally:
             trainer.close()
+            destroy(trainer.layout)
     except MoeDistError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not trainer.is_main:
+        return 0
     run = trainer.run_dir
     print(f"done: step {trainer.step}")
     print(f"  checkpoints: {os.path.join(run, 'checkpoints')}")
