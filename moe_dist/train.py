@@ -32,6 +32,20 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg)
         try:
             trainer.fit()
+        except RuntimeError as e:
+            if not trainer.layout.distributed:
+                raise
+            # gloo/nccl report a dead peer ("Connection closed by peer") or a hung one (a
+            # timeout after parallel.timeout_s) as RuntimeError/DistBackendError.
+            print(
+                f"error: rank {trainer.layout.rank}: a collective failed at step {trainer.step + 1}; another "
+                f"rank died or hangs (waits are bounded by parallel.timeout_s={cfg.parallel.timeout_s:g}): "
+                f"{str(e).splitlines()[0][:300]}",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.stdout.flush()
+            os._exit(3)  # no teardown: the process group cannot shut down cleanly without its peers
         finally:
             trainer.close()
             destroy(trainer.layout)

@@ -71,8 +71,10 @@ class ParallelLayout:
 
     @classmethod
     def from_env(cls, cfg: ParallelConfig, device_type: str = "cpu", timeout_s: float = 300.0) -> "ParallelLayout":
-        """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun, deepspeed, SLURM wrappers set them),
-        validate the layout, and create the process groups when world > 1."""
+        """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun and the deepspeed launcher set them; under
+        mpirun they come from MPI, see _env_from_mpi), validate the layout, and create the
+        process groups when world > 1."""
+        _env_from_mpi()
         world = _env_int("WORLD_SIZE", 1)
         rank = _env_int("RANK", 0)
         local_rank = _env_int("LOCAL_RANK", 0)
@@ -91,25 +93,63 @@ class ParallelLayout:
                     raise LaunchError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun")
             backend = "nccl" if device_type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-        return cls.build(rank, world, local_rank, cfg.ep)
+        return cls.build(rank, world, local_rank, cfg.ep, timeout_s)
 
     @classmethod
-    def build(cls, rank: int, world: int, local_rank: int, ep: int) -> "ParallelLayout":
-        """Create the ep and expert-data-parallel groups (every rank must call this)."""
+    def build(cls, rank: int, world: int, local_rank: int, ep: int, timeout_s: Optional[float] = None) -> "ParallelLayout":
+        """Create the ep and expert-data-parallel groups (every rank must call this). Their
+        collectives wait at most timeout_s for a peer (new groups default to 30 minutes)."""
         dp = world // ep
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
         ep_group = edp_group = None
         # new_group is collective over the whole world: create every group on every rank.
         for g in range(dp):
             ranks = list(range(g * ep, (g + 1) * ep))
-            group = dist.new_group(ranks) if ep > 1 else None
+            group = dist.new_group(ranks, timeout=timeout) if ep > 1 else None
             if rank in ranks:
                 ep_group = group
         for j in range(ep):
             ranks = list(range(j, world, ep))
-            group = dist.new_group(ranks) if dp > 1 else None
+            group = dist.new_group(ranks, timeout=timeout) if dp > 1 else None
             if rank in ranks:
                 edp_group = group
         return cls(rank=rank, world_size=world, local_rank=local_rank, ep=ep, ep_group=ep_group, edp_group=edp_group)
+
+
+_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+
+
+def _env_from_mpi() -> None:
+    """Under mpirun (Open MPI, MPICH/Hydra), take rank and world from MPI through mpi4py;
+    rank 0 picks a free port and broadcasts its address, then gloo/nccl start from env://.
+    Does nothing when RANK is already set (torchrun, deepspeed) or outside MPI."""
+    if os.environ.get("RANK") is not None or not any(v in os.environ for v in _MPI_SIZE_VARS):
+        return
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise LaunchError(
+            "launched by mpirun but mpi4py is missing: pip install 'moe_dist[mpi]' (mpi4py + mpich)"
+        ) from None
+    import socket
+
+    comm = MPI.COMM_WORLD
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    addr_port = None
+    if comm.Get_rank() == 0:
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        addr = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
+        addr_port = (addr, port)
+    addr, port = comm.bcast(addr_port, root=0)
+    os.environ.update(
+        RANK=str(comm.Get_rank()),
+        WORLD_SIZE=str(comm.Get_size()),
+        LOCAL_RANK=str(local.Get_rank()),
+        MASTER_ADDR=addr,
+        MASTER_PORT=str(port),
+    )
 
 
 def expert_placement(num_experts: int, ep: int) -> list[int]:

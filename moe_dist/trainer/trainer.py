@@ -37,10 +37,12 @@ _MUST_MATCH = ("model", "moe", "attention")
 _MAY_DIFFER = {"moe.grouped_mm"}  # an implementation choice, not a model change
 
 
-def _fault(kind: str, step: int) -> bool:
-    """Test hook: MOE_DIST_FAULT=kill_at_step:N or kill_in_save:N SIGKILLs this process."""
+def _fault(kind: str, step: int, rank: int = 0) -> bool:
+    """Test hook, MOE_DIST_FAULT=...: kill_at_step:N and kill_in_save:N SIGKILL every rank
+    (one process); kill_rank:R:N SIGKILLs rank R and hang_rank:R:N stops rank R forever,
+    after step N."""
     spec = os.environ.get("MOE_DIST_FAULT", "")
-    return spec == f"{kind}:{step}"
+    return spec in (f"{kind}:{step}", f"{kind}:{rank}:{step}")
 
 
 def _kill_self() -> None:
@@ -363,8 +365,11 @@ class Trainer:
                 if self.metrics is not None:
                     self.metrics.log({"step": self.step, **ev})
                 log(f"step {self.step}: val_loss {ev['val_loss']:.4f}  val_ppl {ev['val_ppl']:.2f}")
-            if _fault("kill_at_step", self.step):
+            if _fault("kill_at_step", self.step) or _fault("kill_rank", self.step, self.layout.rank):
                 _kill_self()
+            if _fault("hang_rank", self.step, self.layout.rank):
+                while True:
+                    time.sleep(60)
             if (c.checkpoint.every > 0 and self.step % c.checkpoint.every == 0) or (last and c.checkpoint.save_final):
                 path = self.save()
                 log(f"step {self.step}: saved checkpoint {path}")

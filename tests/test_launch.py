@@ -1,0 +1,82 @@
+"""Launch paths on CPU (gloo): launch/torchrun.sh, mpirun.sh and deepspeed.sh train 2
+processes to the same losses; two torchrun "nodes" on one machine train; a rank that dies
+or hangs ends the whole job with a clear error in bounded time."""
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO, TINY
+from dist_utils import free_port
+
+STEPS = 6
+BASE = TINY + [
+    f"train.max_steps={STEPS}", "train.eval_every=3", "checkpoint.every=0", "checkpoint.save_final=false",
+    "data.rank_split=batch", "parallel.ep=2", "train.resume=none",
+]
+
+
+def launch(script, run_dir, *overrides, env=None, timeout=300):
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    e.pop("MOE_DIST_FAULT", None)
+    if env and "MOE_DIST_FAULT" in env:
+        e["MOE_DIST_FAULT"] = env["MOE_DIST_FAULT"]
+    cmd = [os.path.join(REPO, "launch", script), os.path.join(REPO, "configs", "quickstart.yaml"), *BASE,
+           f"run.dir={run_dir}", *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in f]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ref") / "torchrun"
+    p = launch("torchrun.sh", run, env={"NPROC": "2"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = metrics(run)
+    assert len([r for r in rows if "loss" in r]) == STEPS and rows[-1]["step"] == STEPS
+    return rows
+
+
+@pytest.mark.parametrize("script, env", [("mpirun.sh", {"NP": "2"}), ("deepspeed.sh", {"NPROC": "2"})])
+def test_launchers_give_the_same_losses(script, env, reference, tmp_path):
+    p = launch(script, tmp_path / "run", env=env)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    assert metrics(tmp_path / "run") == reference  # bit for bit: same layout, same batches
+
+
+def test_two_nodes_on_one_machine(reference, tmp_path):
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [os.path.join(REPO, "launch", "torchrun.sh"), os.path.join(REPO, "configs", "quickstart.yaml"), *BASE,
+             f"run.dir={tmp_path / 'run'}"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1", NNODES="2", NODE_RANK=str(node), NPROC="1",
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+        )
+        for node in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert metrics(tmp_path / "run") == reference
+
+
+@pytest.mark.parametrize("fault", ["kill_rank:1:3", "hang_rank:1:3"])
+def test_a_dead_or_hung_rank_ends_the_job(fault, tmp_path):
+    t0 = time.monotonic()
+    p = launch("torchrun.sh", tmp_path / "run", "parallel.timeout_s=10", env={"NPROC": "2", "MOE_DIST_FAULT": fault})
+    elapsed = time.monotonic() - t0
+    assert p.returncode != 0
+    assert elapsed < 120, elapsed
+    if fault.startswith("hang"):
+        # rank 0 waits at most parallel.timeout_s, then says why and exits
+        assert "error: rank 0: a collective failed at step 4; another rank died or hangs" in p.stderr
+    else:
+        assert "exitcode  : -9" in p.stderr or "Signal 9" in p.stderr or "SIGKILL" in p.stderr
