@@ -13,6 +13,16 @@ import sys
 from moe_dist.errors import MoeDistError
 
 
+def _is_peer_failure(e: RuntimeError) -> bool:
+    """A collective that failed because another rank died or hangs (gloo and nccl wording)."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistBackendError", ())):
+        return True
+    text = str(e).lower()
+    return any(s in text for s in ("timed out", "timeout", "connection closed", "connection reset", "peer", "broken pipe"))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m moe_dist.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="YAML config file (default: built-in defaults)")
@@ -33,7 +43,7 @@ def main(argv=None) -> int:
         try:
             trainer.fit()
         except RuntimeError as e:
-            if not trainer.layout.distributed:
+            if not (trainer.layout.distributed and _is_peer_failure(e)):
                 raise
             # gloo/nccl report a dead peer ("Connection closed by peer") or a hung one (a
             # timeout after parallel.timeout_s) as RuntimeError/DistBackendError.
@@ -44,8 +54,9 @@ def main(argv=None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
+            trainer.close()  # flush metrics.jsonl and TensorBoard
             sys.stdout.flush()
-            os._exit(3)  # no teardown: the process group cannot shut down cleanly without its peers
+            os._exit(3)  # no process-group teardown: it cannot shut down cleanly without its peers
         finally:
             trainer.close()
             destroy(trainer.layout)

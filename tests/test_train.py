@@ -148,3 +148,19 @@ def test_resume_refuses_other_model_and_corrupt_checkpoint(tmp_path, capsys):
     state.write_bytes(bytes(data))
     assert main(base + ["train.resume=auto", "train.max_steps=6"]) == 2
     assert f"error: corrupt checkpoint file {state}: sha256 differs from meta.json" in capsys.readouterr().err
+
+
+def test_checkpoint_retention_and_resave(tmp_path):
+    from moe_dist.trainer.checkpoint import load_checkpoint, save_checkpoint
+
+    root = str(tmp_path / "ckpt")
+    for step in (100, 150):
+        save_checkpoint(root, step, {"step": step}, "a: 1\n", keep_last=2)
+    # A run resumed from an older step saves step 60: retention keeps it (and the newest).
+    save_checkpoint(root, 60, {"step": 60}, "a: 1\n", keep_last=2)
+    assert list_checkpoints(root) == [60, 150]
+    # Re-saving a step replaces it whole; nothing is left aside.
+    save_checkpoint(root, 150, {"step": 151}, "a: 2\n", keep_last=2)
+    meta, state, config = load_checkpoint(os.path.join(root, "step_00000150"))
+    assert state == {"step": 151} and config == "a: 2\n" and meta["step"] == 150
+    assert sorted(os.listdir(root)) == ["step_00000060", "step_00000150"]

@@ -49,10 +49,9 @@ class MoEAux:
 def total_aux_loss(auxes: list[MoEAux]) -> torch.Tensor:
     """Sum of per-call losses plus, per router group, weight * sum_e p_e log p_e of the mean
     softmax pooled over every call of that router (all repeats of a MoEUT group)."""
-    total = torch.zeros((), dtype=torch.float32)
     if not auxes:
-        return total
-    total = total.to(auxes[0].loss.device)
+        return torch.zeros((), dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float32, device=auxes[0].loss.device)  # no host copy
     pooled: dict[tuple[int, str], list[MoEAux]] = {}
     for a in auxes:
         total = total + a.loss

@@ -29,7 +29,7 @@ def _shard_param(p: nn.Parameter, lo: int, hi: int) -> nn.Parameter:
     return q
 
 
-def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         # grouped_mm is not an autocast op: cast to the autocast dtype ourselves.
@@ -68,7 +68,7 @@ class GroupedExperts(nn.Module):
         self.num_experts = hi - lo
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        x_ND = _autocast_input(x_ND)
+        x_ND = autocast_input(x_ND)
         h_NH = grouped_mm(x_ND, self.w_in_EDH, tokens_per_expert_E, self.backend)
         if self.b_in_EH is None:
             return grouped_mm(activation(h_NH, self.act), self.w_out_EFD, tokens_per_expert_E, self.backend)
@@ -93,4 +93,4 @@ class StackedLinear(nn.Module):
         self.w_GIO = _shard_param(self.w_GIO, lo, hi)
 
     def forward(self, x_NI: torch.Tensor, tokens_per_expert_G: torch.Tensor) -> torch.Tensor:
-        return grouped_mm(_autocast_input(x_NI), self.w_GIO, tokens_per_expert_G, self.backend)
+        return grouped_mm(autocast_input(x_NI), self.w_GIO, tokens_per_expert_G, self.backend)

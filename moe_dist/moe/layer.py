@@ -19,7 +19,7 @@ from moe_dist.models.ffn import FFN
 from moe_dist.moe.aux import MoEAux
 from moe_dist.moe.balance import BalanceBias
 from moe_dist.moe.dispatch import sort_by_expert
-from moe_dist.moe.experts import GroupedExperts
+from moe_dist.moe.experts import GroupedExperts, autocast_input
 from moe_dist.moe.router import route_topk, switch_lb_loss_from_sums
 from moe_dist.parallel.expert_parallel import ExpertParallel
 
@@ -81,7 +81,8 @@ class MoEFFN(nn.Module):
         keep_P = None if self.cfg.dropless else keep_TK.reshape(-1)  # dropless: no mask, no sync
         assignment_N, tokens_per_expert_E = sort_by_expert(expert_TK.reshape(-1), keep_P, self.num_experts)
         token_N = torch.div(assignment_N, self.top_k, rounding_mode="floor")
-        y_ND, aux.sent_bytes = self.ep.run(x_TD, token_N, tokens_per_expert_E, self.experts)
+        # Dispatch in the compute dtype (bf16 under autocast): half the all-to-all bytes.
+        y_ND, aux.sent_bytes = self.ep.run(autocast_input(x_TD), token_N, tokens_per_expert_E, self.experts)
         w_N = weight_TK.reshape(-1)[assignment_N].to(y_ND.dtype)
         y_TD = y_ND.new_zeros(B * S, D).index_add(0, token_N, y_ND * w_N.unsqueeze(1))
         if self.shared is not None:

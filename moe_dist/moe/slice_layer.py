@@ -28,7 +28,7 @@ from moe_dist.config import MoEConfig
 from moe_dist.moe.aux import MoEAux
 from moe_dist.moe.balance import BalanceBias
 from moe_dist.moe.dispatch import sort_by_expert
-from moe_dist.moe.experts import GroupedExperts
+from moe_dist.moe.experts import GroupedExperts, autocast_input
 from moe_dist.moe.layer import router_dtype, routing_aux
 from moe_dist.moe.router import cv_squared, route_topk
 from moe_dist.parallel.expert_parallel import ExpertParallel
@@ -108,7 +108,7 @@ class SliceMoEFFN(nn.Module):
         pair_N = torch.div(assignment_N, K, rounding_mode="floor")
         w_N = weight_PK.reshape(-1)[assignment_N]
         # The weight scales the expert INPUT: gather and scale here (the dispatch buffer).
-        x_ND = x_PDs[pair_N] * w_N.to(x_PDs.dtype).unsqueeze(1)
+        x_ND = autocast_input(x_PDs[pair_N] * w_N.to(x_PDs.dtype).unsqueeze(1))  # dispatch in compute dtype
         y_ND, aux.sent_bytes = self.ep.run(x_ND, None, tokens_per_expert_E, self.experts)
         y_PDs = y_ND.new_zeros(P, self.d_slice).index_add(0, pair_N, y_ND)
         return y_PDs.view(B, S, D), aux

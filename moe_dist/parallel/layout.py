@@ -72,9 +72,9 @@ class ParallelLayout:
     @classmethod
     def from_env(cls, cfg: ParallelConfig, device_type: str = "cpu", timeout_s: float = 300.0) -> "ParallelLayout":
         """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun and the deepspeed launcher set them; under
-        mpirun they come from MPI, see _env_from_mpi), validate the layout, and create the
+        mpirun they come from MPI, see env_from_mpi), validate the layout, and create the
         process groups when world > 1."""
-        _env_from_mpi()
+        env_from_mpi()
         world = _env_int("WORLD_SIZE", 1)
         rank = _env_int("RANK", 0)
         local_rank = _env_int("LOCAL_RANK", 0)
@@ -119,7 +119,7 @@ class ParallelLayout:
 _MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 
 
-def _env_from_mpi() -> None:
+def env_from_mpi() -> None:
     """Under mpirun (Open MPI, MPICH/Hydra), take rank and world from MPI through mpi4py;
     rank 0 picks a free port and broadcasts its address, then gloo/nccl start from env://.
     Does nothing when RANK is already set (torchrun, deepspeed) or outside MPI."""

@@ -104,13 +104,18 @@ def save_checkpoint(
         _fsync_dir(tmp)
         if before_rename is not None:
             before_rename(tmp)  # fault-injection hook for tests
-        if os.path.isdir(final):  # re-saving the same step (e.g. a resumed final save)
-            shutil.rmtree(final)
+        replaced = None
+        if os.path.isdir(final):  # re-saving the same step: move the old one aside first,
+            replaced = os.path.join(ckpt_root, f".tmp-replaced-{step_dir_name(step)}")  # so that
+            os.rename(final, replaced)  # a crash never leaves a damaged step directory
         os.rename(tmp, final)
         _fsync_dir(ckpt_root)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
         if keep_last > 0:
             for old in list_checkpoints(ckpt_root)[:-keep_last]:
-                shutil.rmtree(os.path.join(ckpt_root, step_dir_name(old)), ignore_errors=True)
+                if old != step:  # never the one just written (a resume from an older step)
+                    shutil.rmtree(os.path.join(ckpt_root, step_dir_name(old)), ignore_errors=True)
     _barrier(layout)
     return final
 

@@ -27,7 +27,7 @@ from moe_dist.data.loader import build_loader, data_tokenizer, val_windows
 from moe_dist.errors import CheckpointError, ConfigError, DataError, LaunchError, MoeDistError
 from moe_dist.models.transformer import LM, lm_loss
 from moe_dist.parallel.grads import clip_grad_norm, reduce_gradients
-from moe_dist.parallel.layout import ParallelLayout
+from moe_dist.parallel.layout import ParallelLayout, env_from_mpi
 from moe_dist.trainer import checkpoint as ckpt
 from moe_dist.trainer.metrics import MetricsLogger
 from moe_dist.trainer.schedule import lr_factor
@@ -99,6 +99,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 class Trainer:
     def __init__(self, cfg: Config, log=print):
         self.cfg = cfg
+        env_from_mpi()  # under mpirun, LOCAL_RANK (the GPU) comes from MPI: read it first
         self.device = resolve_device(cfg)
         self.layout = ParallelLayout.from_env(cfg.parallel, self.device.type, cfg.parallel.timeout_s)
         self.is_main = self.layout.is_main
@@ -252,7 +253,8 @@ class Trainer:
             return values
         import torch.distributed as dist
 
-        t = torch.tensor(values, dtype=torch.float64)
+        # On the training device: an nccl group has no CPU backend.
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return (t / self.layout.world_size).tolist()
 
@@ -296,6 +298,7 @@ class Trainer:
             aux = out.aux_loss
             loss = lm + aux
             (loss / accum).backward()
+            # NOTE: device-to-host sync (and an all-reduce) per micro-batch for the logged losses.
             stats = self._mean_over_ranks(torch.stack([lm.detach(), aux.detach(), loss.detach()]).tolist())
             totals["lm_loss"] += stats[0] / accum
             totals["aux_loss"] += stats[1] / accum
