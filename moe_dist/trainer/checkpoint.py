@@ -113,9 +113,11 @@ def save_checkpoint(
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
         if keep_last > 0:
-            for old in list_checkpoints(ckpt_root)[:-keep_last]:
-                if old != step:  # never the one just written (a resume from an older step)
-                    shutil.rmtree(os.path.join(ckpt_root, step_dir_name(old)), ignore_errors=True)
+            # Keep the one just written (even when a resumed run writes an older step than
+            # what the directory holds) and the newest keep_last - 1 others.
+            others = [s for s in list_checkpoints(ckpt_root) if s != step]
+            for old in others[: max(0, len(others) - (keep_last - 1))]:
+                shutil.rmtree(os.path.join(ckpt_root, step_dir_name(old)), ignore_errors=True)
     _barrier(layout)
     return final
 
