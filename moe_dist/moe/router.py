@@ -97,11 +97,9 @@ def switch_load_balancing_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor) 
     """E * sum_i f_i P_i (unweighted): f_i = share of the T*K assignments routed to i (before
     drops, not differentiable), P_i = mean router probability of i. Equals 1 at uniform routing
     for any K, so alpha * this equals alpha there."""
-    T, E = probs_TE.shape
-    counts_E = torch.bincount(expert_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
-    f_E = counts_E / expert_TK.numel()
-    P_E = probs_TE.mean(dim=0)
-    return E * torch.sum(f_E * P_E)
+    T, K = expert_TK.shape
+    counts_E = torch.bincount(expert_TK.reshape(-1), minlength=probs_TE.shape[1])
+    return switch_lb_loss_from_sums(probs_TE.sum(0), counts_E, T, K)
 
 
 def switch_lb_loss_from_sums(probs_sum_E: torch.Tensor, counts_E: torch.Tensor, num_rows: int, top_k: int) -> torch.Tensor:
