@@ -87,7 +87,7 @@ def test_whole_file_in_a_fresh_process():
 
 
 def routing(T, K, E, seed, drop=0.0, empty=()):
-    """Token-choice routing as LocalDispatcher sorts it: (slot_N, counts_E), slots sorted by expert."""
+    """Token-choice routing as moe.dispatch.sort_by_expert sorts it: (slot_N, counts_E), slots sorted by expert."""
     g = torch.Generator().manual_seed(seed)
     allowed = torch.tensor([e for e in range(E) if e not in empty])
     expert_TK = torch.stack([allowed[torch.randperm(len(allowed), generator=g)[:K]] for _ in range(T)])

@@ -264,8 +264,8 @@ def expert_mlp(
                                                           act in the load, weight + scatter in the store
     slot_N: the kept assignments (indices into the flattened [T, K] choices) sorted by
     expert, token_N = slot_N // top_k; weight_N their routing weights (None: 1). On the
-    torch/loop backends this is exactly LocalDispatcher.dispatch -> GroupedExperts ->
-    LocalDispatcher.combine.
+    torch/loop backends this is exactly what MoEFFN.forward does in one process:
+    sort_by_expert -> GroupedExperts -> weight and index_add.
     """
     T = x_TD.shape[0]
     w_in_EDH, w_out_EFD = w_in_EDH.to(x_TD.dtype), w_out_EFD.to(x_TD.dtype)
