@@ -288,6 +288,9 @@ class TrainConfig:
     """Micro-batches per evaluation (the val split is read from its start each time)."""
     resume: str = "none"
     """none = fresh run; auto = latest complete checkpoint in run.dir if any; or a path."""
+    backend: Literal["torch", "deepspeed"] = "torch"
+    """torch = our AdamW with hand-written dp x ep gradient reduction; deepspeed = a DeepSpeed
+    engine (ZeRO stage in deepspeed.zero_stage; see docs/deepspeed.md)."""
 
     def validate(self) -> None:
         _require(self.max_steps >= 1, "train.max_steps", "must be >= 1")
@@ -312,6 +315,26 @@ class ParallelConfig:
     def validate(self) -> None:
         _require(self.ep >= 1, "parallel.ep", "must be >= 1")
         _require(self.timeout_s > 0, "parallel.timeout_s", "must be > 0")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    """ZeRO stage with train.backend=deepspeed: 0 (plain data parallel), 1 (optimizer state
+    sharded), 2 (+ gradients), 3 (+ dense parameters; expert parameters stay sharded by ep)."""
+    offload_optimizer: bool = False
+    """ZeRO-1/2/3: keep optimizer state and the optimizer step on the CPU."""
+    config: Optional[str] = None
+    """A DeepSpeed JSON file merged into the generated config; a value that contradicts this
+    YAML (batch sizes, ZeRO stage, bf16, clipping, optimizer) is an error."""
+
+    def validate(self) -> None:
+        _require(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+        _require(
+            not (self.offload_optimizer and self.zero_stage == 0),
+            "deepspeed.offload_optimizer",
+            "needs deepspeed.zero_stage >= 1 (DeepSpeed offloads ZeRO optimizer state only)",
+        )
 
 
 @dataclass
@@ -354,6 +377,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 

@@ -74,4 +74,13 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if "deepspeed" in sys.modules:
+        # DeepSpeed ZeRO-1/2 processes on CPU sometimes abort at interpreter exit after a
+        # finished run ("terminate called without an active exception", exit -6; see
+        # docs/deepspeed.md). Everything is written and flushed by now: end the process
+        # without the interpreter teardown that aborts.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)

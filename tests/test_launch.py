@@ -51,6 +51,18 @@ def test_launchers_give_the_same_losses(script, env, reference, tmp_path):
     assert metrics(tmp_path / "run") == reference  # bit for bit: same layout, same batches
 
 
+def test_deepspeed_launcher_with_the_deepspeed_backend(reference, tmp_path):
+    """deepspeed.sh running the DeepSpeed engine (ZeRO-2) gives the torch backend's losses."""
+    p = launch("deepspeed.sh", tmp_path / "run", "train.backend=deepspeed", "deepspeed.zero_stage=2", env={"NPROC": "2"})
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    got = metrics(tmp_path / "run")
+    assert [sorted(r) for r in got] == [sorted(r) for r in reference]
+    for a, b in zip(reference, got):
+        for k in ("loss", "lm_loss", "aux_loss", "val_loss"):
+            if k in a:
+                assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (k, a, b)
+
+
 def test_two_nodes_on_one_machine(reference, tmp_path):
     port = str(free_port())
     procs = [

@@ -30,7 +30,7 @@ from moe_dist.moe.balance import BalanceBias
 from moe_dist.moe.dispatch import sort_by_expert
 from moe_dist.moe.layer import router_dtype
 from moe_dist.moe.experts import StackedLinear
-from moe_dist.moe.router import route_topk
+from moe_dist.moe.router import RouterLinear, route_topk
 from moe_dist.parallel.expert_parallel import ExpertParallel
 
 
@@ -58,8 +58,8 @@ class SwitchHeadAttention(nn.Module):
         # FFN experts; replicated placement passes a one-process ExpertParallel.
         self.ep = ep if ep is not None else ExpertParallel()
         self.qk = RotaryQK(d_model, H, head_dim, max_seq_len, rope, rope_base)
-        self.gate_src = nn.Linear(d_model, H * E, bias=False)
-        self.gate_dst = nn.Linear(d_model, H * E, bias=False)
+        self.gate_src = RouterLinear(d_model, H * E, bias=False)
+        self.gate_dst = RouterLinear(d_model, H * E, bias=False)
         self.experts_v = StackedLinear(H * E, d_model, head_dim, backend)  # G = H*E experts
         self.experts_o = StackedLinear(H * E, head_dim, d_model, backend)
         self.balance_src = BalanceBias(E, cfg.bias_update_rate, groups=H)

@@ -90,7 +90,10 @@ class Block(nn.Module):
         self.routed_ffn = not isinstance(self.ffn, FFN)
         self.drop = nn.Dropout(m.dropout)
 
-    def forward(self, x_BSD: torch.Tensor, moe_aux: list[MoEAux]) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, list[MoEAux]]:
+        # The auxiliaries are returned, not appended to a list argument: ZeRO-3's module
+        # hooks hand a module copies of its list arguments.
+        moe_aux: list[MoEAux] = []
         h = self.ln_attn(x_BSD)
         y = self.attn(x_BSD, h) if self.peri else self.attn(h, h)
         if isinstance(y, tuple):
@@ -104,7 +107,7 @@ class Block(nn.Module):
         else:
             # A dense FFN has no sigmoid/softmax input: under peri-LN it reads x unnormalised.
             y = self.ffn(x_BSD if self.peri else h)
-        return x_BSD + self.drop(y)
+        return x_BSD + self.drop(y), moe_aux
 
 
 class LM(nn.Module):
@@ -152,10 +155,10 @@ class LM(nn.Module):
         x = self.drop(x)
         moe_aux: list[MoEAux] = []
         for depth, i in enumerate(self.layer_order):
-            start = len(moe_aux)
-            x = self.blocks[i](x, moe_aux)
-            for aux in moe_aux[start:]:
+            x, auxes = self.blocks[i](x)
+            for aux in auxes:
                 aux.layer = depth
+            moe_aux.extend(auxes)
         return LMOutput(self.readout(self.ln_out(x)), moe_aux)
 
     def update_balance_biases(self) -> None:

@@ -20,7 +20,7 @@ from moe_dist.moe.aux import MoEAux
 from moe_dist.moe.balance import BalanceBias
 from moe_dist.moe.dispatch import sort_by_expert
 from moe_dist.moe.experts import GroupedExperts, autocast_input
-from moe_dist.moe.router import route_topk, switch_lb_loss_from_sums
+from moe_dist.moe.router import RouterLinear, route_topk, switch_lb_loss_from_sums
 from moe_dist.parallel.expert_parallel import ExpertParallel
 
 
@@ -35,7 +35,7 @@ class MoEFFN(nn.Module):
         self.cfg, self.score = cfg, score
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.ep = ep if ep is not None else ExpertParallel()
-        self.router = nn.Linear(d_model, cfg.num_experts, bias=False)
+        self.router = RouterLinear(d_model, cfg.num_experts, bias=False)
         self.balance = BalanceBias(cfg.num_experts, cfg.bias_update_rate)
         self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.d_expert, act, cfg.grouped_mm)
         self.shared: Optional[FFN] = None

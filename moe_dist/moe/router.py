@@ -127,3 +127,14 @@ def cv_squared(load_E: torch.Tensor) -> torch.Tensor:
     """(std / mean)^2 of per-expert loads, population std (SliceMoE's capacity loss)."""
     mean = load_E.mean()
     return load_E.var(correction=0) / mean.square().clamp_min(1e-30)
+
+
+class RouterLinear(torch.nn.Linear):
+    """A Linear that computes in its input's dtype. Routers run in float32 even where the
+    parameters are bf16 (DeepSpeed's bf16 mode casts the whole model; its optimizer keeps
+    the float32 master copy). The cast happens inside this module's forward, where ZeRO-3
+    has gathered the weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)

@@ -30,7 +30,7 @@ from moe_dist.moe.balance import BalanceBias
 from moe_dist.moe.dispatch import sort_by_expert
 from moe_dist.moe.experts import GroupedExperts, autocast_input
 from moe_dist.moe.layer import router_dtype, routing_aux
-from moe_dist.moe.router import cv_squared, route_topk
+from moe_dist.moe.router import RouterLinear, cv_squared, route_topk
 from moe_dist.parallel.expert_parallel import ExpertParallel
 
 
@@ -51,8 +51,8 @@ class SliceRouter(nn.Module):
 
     def __init__(self, d_slice: int, hidden: int, num_experts: int):
         super().__init__()
-        self.fc1 = nn.Linear(d_slice, hidden)
-        self.fc2 = nn.Linear(hidden, num_experts)
+        self.fc1 = RouterLinear(d_slice, hidden)
+        self.fc2 = RouterLinear(hidden, num_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(x)))

@@ -43,12 +43,10 @@ def _reduce(params: list[torch.Tensor], group, world: int) -> None:
         g.copy_(reduced)
 
 
-def reduce_gradients(model: torch.nn.Module, layout: ParallelLayout) -> None:
-    """Turn every rank's local gradients into the one-process gradient of the global batch."""
+def reduce_expert_gradients(expert: list[torch.Tensor], layout: ParallelLayout) -> None:
+    """Expert shards only (the ZeRO-3 backend's experts live outside the engine)."""
     if not layout.distributed:
         return
-    dense, expert = _split_params(model)
-    _reduce(dense, None, layout.world_size)
     if layout.dp > 1:
         _reduce(expert, layout.edp_group, layout.world_size)
     else:
@@ -56,6 +54,15 @@ def reduce_gradients(model: torch.nn.Module, layout: ParallelLayout) -> None:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             p.grad.div_(layout.world_size)
+
+
+def reduce_gradients(model: torch.nn.Module, layout: ParallelLayout) -> None:
+    """Turn every rank's local gradients into the one-process gradient of the global batch."""
+    if not layout.distributed:
+        return
+    dense, expert = _split_params(model)
+    _reduce(dense, None, layout.world_size)
+    reduce_expert_gradients(expert, layout)
 
 
 def clip_grad_norm(model: torch.nn.Module, layout: ParallelLayout, max_norm: float) -> torch.Tensor:

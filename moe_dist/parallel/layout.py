@@ -167,6 +167,15 @@ def expert_placement(num_experts: int, ep: int) -> list[int]:
     return starts
 
 
+def init_single_process_group(device_type: str, timeout_s: float) -> None:
+    """A one-rank process group for libraries that need one (DeepSpeed) in a one-process run.
+    An in-memory store: no port, no rendezvous (torchrun's agent store is not needed)."""
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, store=dist.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+
+
 def destroy(layout: Optional[ParallelLayout]) -> None:
-    if layout is not None and layout.distributed and dist.is_initialized():
+    if layout is not None and dist.is_initialized():
         dist.destroy_process_group()

@@ -26,15 +26,16 @@ from moe_dist.data.cache import ensure_prepared
 from moe_dist.data.loader import build_loader, data_tokenizer, val_windows
 from moe_dist.errors import CheckpointError, ConfigError, DataError, LaunchError, MoeDistError
 from moe_dist.models.transformer import LM, lm_loss
-from moe_dist.parallel.grads import clip_grad_norm, reduce_gradients
 from moe_dist.parallel.layout import ParallelLayout, env_from_mpi
 from moe_dist.trainer import checkpoint as ckpt
+from moe_dist.trainer.backends import build_backend
 from moe_dist.trainer.metrics import MetricsLogger
-from moe_dist.trainer.schedule import lr_factor
 
 # Config sections that must match between a checkpoint and the run resuming it.
 _MUST_MATCH = ("model", "moe", "attention")
 _MAY_DIFFER = {"moe.grouped_mm"}  # an implementation choice, not a model change
+# The optimizer state's layout depends on these: a checkpoint resumes only under the same.
+_BACKEND_KEYS = ("train.backend", "deepspeed.zero_stage", "deepspeed.offload_optimizer")
 
 
 def _fault(kind: str, step: int, rank: int = 0) -> bool:
@@ -81,6 +82,19 @@ def _config_diff(old: dict, new: dict) -> list[str]:
     return diffs
 
 
+def _backend_diff(old: dict, new: dict) -> list[str]:
+    diffs = []
+    for full in _BACKEND_KEYS:
+        section, key = full.split(".")
+        # Checkpoints written before the deepspeed backend existed are torch-backend ones.
+        a = old.get(section, {}).get(key, {"train.backend": "torch"}.get(full))
+        b = new.get(section, {}).get(key)
+        if full == "train.backend" or new["train"]["backend"] == "deepspeed":
+            if a != b:
+                diffs.append(f"{full}: checkpoint {a!r}, config {b!r}")
+    return diffs
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -109,6 +123,11 @@ class Trainer:
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
         use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.ds_config = None
+        if cfg.train.backend == "deepspeed":  # a bad DeepSpeed JSON fails here, before any work
+            from moe_dist.trainer.deepspeed_backend import deepspeed_config
+
+            self.ds_config = deepspeed_config(cfg, self.layout.world_size, use_bf16)
 
         # Resume point first: a bad checkpoint must fail before any data or model work.
         self.resume_path = self._find_resume()
@@ -116,7 +135,9 @@ class Trainer:
         if self.resume_path is not None:
             L = self.layout
             resume_meta, resume_state, old_yaml = ckpt.load_checkpoint(self.resume_path, L.rank, L.world_size, L.ep)
-            diffs = _config_diff(yaml.safe_load(old_yaml), cfg.to_dict())
+            diffs = _config_diff(yaml.safe_load(old_yaml), cfg.to_dict()) + _backend_diff(
+                yaml.safe_load(old_yaml), cfg.to_dict()
+            )
             if diffs:
                 raise CheckpointError(
                     f"checkpoint {self.resume_path} was written by a different model config: " + "; ".join(diffs)
@@ -144,10 +165,9 @@ class Trainer:
         random.seed(cfg.run.seed)
         np.random.seed(cfg.run.seed)
         self.model = LM(cfg, vocab, self.layout).to(self.device)
-        self.optimizer = self._build_optimizer()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, cfg.optim, cfg.train.max_steps)
-        )
+        self.backend = build_backend(self.model, cfg, self.layout, self.device, self.ds_config)
+        if getattr(self.backend, "summary", None):
+            self.log(self.backend.summary)
         # rank_split=shards: each rank streams its own shards (webdataset's split_by_node).
         # rank_split=batch: every rank streams the same global batches and keeps its rows,
         # so the data order does not depend on the layout (ep=1 and ep=4 see the same batches).
@@ -204,32 +224,19 @@ class Trainer:
             return ckpt.latest_checkpoint(self.ckpt_dir)
         return os.path.abspath(os.path.expanduser(resume))
 
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            # Matrices decay; norms, biases and embeddings (tied readout included) do not.
-            (decay if p.ndim >= 2 and "embed" not in name and "pos." not in name else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-
     def _state(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            **self.backend.state_dict(),  # model, optimizer, scheduler
             "rng": _rng_state(),
             "train_loader": self.train_loader.state_dict(),
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
         try:
-            self.model.load_state_dict(state["model"], strict=True)
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.backend.load_state_dict(state)
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{self.resume_path}: state does not fit this model: {e}") from None
-        self.scheduler.load_state_dict(state["scheduler"])
         self.train_loader.load_state_dict(state["train_loader"])
         _set_rng_state(state["rng"])
         self.step = int(state["step"])
@@ -268,16 +275,16 @@ class Trainer:
             self.data_dir, self.manifest, "val", c.data.seq_len, B * self.layout.world_size,
             shuffle=False, verify=False, loop=False,
         )
-        self.model.eval()
+        self.backend.module.eval()
         losses = []
         for i, batch in enumerate(loader):
             if i >= c.train.eval_batches:
                 break
             batch = batch[r * B : (r + 1) * B].to(self.device)
             with self._autocast():
-                out = self.model(batch[:, :-1])
+                out = self.backend.module(batch[:, :-1])
             losses.append(lm_loss(out.logits, batch[:, 1:]).item())
-        self.model.train()
+        self.backend.module.train()
         val_loss = self._mean_over_ranks([float(np.mean(losses))])[0]
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
@@ -293,11 +300,11 @@ class Trainer:
                 batch = batch[r * B : (r + 1) * B]  # this rank's rows of the global batch
             batch = batch.to(self.device, non_blocking=True)
             with self._autocast():
-                out = self.model(batch[:, :-1])
+                out = self.backend.module(batch[:, :-1])
             lm = lm_loss(out.logits, batch[:, 1:])
             aux = out.aux_loss
             loss = lm + aux
-            (loss / accum).backward()
+            self.backend.backward(loss)
             # NOTE: device-to-host sync (and an all-reduce) per micro-batch for the logged losses.
             stats = self._mean_over_ranks(torch.stack([lm.detach(), aux.detach(), loss.detach()]).tolist())
             totals["lm_loss"] += stats[0] / accum
@@ -319,13 +326,9 @@ class Trainer:
                     if a.sent_bytes:
                         acc = sent.setdefault(a.label, [0] * len(a.sent_bytes))
                         sent[a.label] = [x + y for x, y in zip(acc, a.sent_bytes)]
-        reduce_gradients(self.model, self.layout)
-        grad_norm = clip_grad_norm(self.model, self.layout, self.cfg.optim.grad_clip)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
+        lr = self.backend.lr
+        grad_norm = self.backend.step()
         self.model.update_balance_biases()
-        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.last_sent_bytes = sent
         row = {"step": self.step, **totals, "lr": lr, "grad_norm": grad_norm.item()}
