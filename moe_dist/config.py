@@ -289,8 +289,11 @@ class TrainConfig:
     resume: str = "none"
     """none = fresh run; auto = latest complete checkpoint in run.dir if any; or a path."""
     backend: Literal["torch", "deepspeed"] = "torch"
-    """torch = our AdamW with hand-written dp x ep gradient reduction; deepspeed = a DeepSpeed
-    engine (ZeRO stage in deepspeed.zero_stage; see docs/deepspeed.md)."""
+    """torch = AdamW with DDP for dense gradients (or FSDP2, train.fsdp) and our expert-group
+    reduction; deepspeed = a DeepSpeed engine (deepspeed.zero_stage; see docs/backends.md)."""
+    fsdp: bool = False
+    """torch backend: shard dense parameters, gradients and optimizer state over the world with
+    FSDP2 (fully_shard per block); expert shards stay with expert parallelism."""
 
     def validate(self) -> None:
         _require(self.max_steps >= 1, "train.max_steps", "must be >= 1")
@@ -299,6 +302,8 @@ class TrainConfig:
         _require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _require(self.eval_batches >= 1, "train.eval_batches", "must be >= 1")
         _require(self.resume != "", "train.resume", "must be none, auto or a checkpoint path")
+        _require(not (self.fsdp and self.backend == "deepspeed"), "train.fsdp",
+                 "is a torch-backend option; with train.backend=deepspeed use deepspeed.zero_stage=3")
 
 
 @dataclass

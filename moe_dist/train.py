@@ -78,7 +78,7 @@ if __name__ == "__main__":
     if "deepspeed" in sys.modules:
         # DeepSpeed ZeRO-1/2 processes on CPU sometimes abort at interpreter exit after a
         # finished run ("terminate called without an active exception", exit -6; see
-        # docs/deepspeed.md). Everything is written and flushed by now: end the process
+        # docs/backends.md). Everything is written and flushed by now: end the process
         # without the interpreter teardown that aborts.
         sys.stdout.flush()
         sys.stderr.flush()

@@ -6,8 +6,10 @@ batch is the mean of those. So every gradient must end as (1/world) * sum over r
   - expert shards: autograd through the all-to-alls has already summed the contributions of
     the ep group's tokens; all-reduce SUM over the expert-data-parallel group (the dp
     replicas of the shard), divide by world (not by dp: the ep group's sum is part of it).
-Written by hand, not DDP, because DDP reduces every parameter over one group; here two
-groups with one scale. One flat buffer per group: two collectives per step.
+The torch backend reduces dense gradients with DDP (bucketed, overlapped with the
+backward) and expert shards with reduce_expert_gradients: DDP reduces every parameter over
+one group, and expert shards need another. reduce_gradients does both by hand, one flat
+buffer per group; the layer-parity tests use it as the reference for the rule above.
 """
 
 from __future__ import annotations
@@ -65,15 +67,24 @@ def reduce_gradients(model: torch.nn.Module, layout: ParallelLayout) -> None:
     reduce_expert_gradients(expert, layout)
 
 
+def _local(g: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a gradient: the local shard of an FSDP2 DTensor, else itself."""
+    return g.to_local() if hasattr(g, "to_local") else g
+
+
 def clip_grad_norm(model: torch.nn.Module, layout: ParallelLayout, max_norm: float) -> torch.Tensor:
-    """Global L2 norm of the one-process gradient (dense grads counted once, expert shards
-    summed over the ep group); scale all gradients if it exceeds max_norm (0 = no clip)."""
+    """Global L2 norm of the one-process gradient (dense grads counted once, or summed over
+    the world when FSDP2 shards them; expert shards summed over the ep group); scale all
+    gradients if it exceeds max_norm (0 = no clip)."""
     dense, expert = _split_params(model)
-    dense_g = [p.grad for p in dense if p.grad is not None]
+    dense_g = [_local(p.grad) for p in dense if p.grad is not None]
     expert_g = [p.grad for p in expert if p.grad is not None]
+    sharded = any(hasattr(p.grad, "to_local") for p in dense if p.grad is not None)
     zero = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
     sq_dense = torch.stack([g.float().square().sum() for g in dense_g]).sum() if dense_g else zero
     sq_expert = torch.stack([g.float().square().sum() for g in expert_g]).sum() if expert_g else zero
+    if sharded:
+        dist.all_reduce(sq_dense)
     if layout.ep > 1:
         dist.all_reduce(sq_expert, group=layout.ep_group)
     norm = (sq_dense + sq_expert).sqrt()

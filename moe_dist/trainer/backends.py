@@ -3,26 +3,29 @@
 The trainer owns the model, data, metrics and checkpoint files; a backend owns the optimizer,
 the LR schedule and gradient communication, behind one small interface:
 
-    backend.module            the module to call for forward (a DeepSpeed engine or the model)
+    backend.module            the module to call for forward (DDP, a DeepSpeed engine, or the model)
+    with backend.micro_batch(last):   around one micro-batch's forward and backward
     backend.backward(loss)    one micro-batch (the backend scales by 1 / grad_accum_steps)
     backend.step() -> norm    reduce, clip, optimizer and scheduler step, zero the grads;
                               returns the global gradient norm before clipping
     backend.lr                learning rate of the step about to be taken
     backend.state_dict() / load_state_dict(state)   model + optimizer + scheduler
 
-`torch` (here) reduces gradients by hand over dp x ep (parallel/grads.py); `deepspeed`
+`torch` (here) reduces dense gradients with DDP and expert gradients by hand (parallel/grads.py); `deepspeed`
 (trainer/deepspeed_backend.py, the only module that imports DeepSpeed) hands the same model
 and the same AdamW hyper-parameters to a DeepSpeed engine.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
 from moe_dist.config import Config
-from moe_dist.parallel.grads import clip_grad_norm, reduce_gradients
+from moe_dist.moe.experts import is_expert_param
+from moe_dist.parallel.grads import clip_grad_norm, reduce_expert_gradients
 from moe_dist.parallel.layout import ParallelLayout
 from moe_dist.trainer.schedule import lr_factor
 
@@ -50,20 +53,78 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.opti
 
 
 class TorchBackend:
-    """AdamW on every rank, gradients reduced by parallel/grads.py (dense over the world,
-    experts over their expert-data-parallel group, both scaled by 1/world)."""
+    """AdamW on every rank. Dense gradients: DDP (bucketed all-reduce overlapped with the
+    backward, averaged over the world). Expert shards: excluded from DDP, which reduces every
+    parameter over one group, and reduced by parallel/grads.py over their expert-data-parallel
+    group with the same 1/world scale."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, layout: ParallelLayout):
+    def __init__(self, model: torch.nn.Module, cfg: Config, layout: ParallelLayout, device: torch.device):
         self.model, self.cfg, self.layout = model, cfg, layout
         self.module = model
+        self.expert_params = [p for p in model.parameters() if is_expert_param(p)]
+        if layout.distributed and cfg.train.fsdp:
+            self._fully_shard(model, device)
+        elif layout.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            experts = [n for n, p in model.named_parameters() if is_expert_param(p)]
+            DDP._set_params_and_buffers_to_ignore_for_model(model, experts)
+            # broadcast_buffers=False: the buffers (routing biases, RoPE tables) are equal on
+            # every rank by construction, and a broadcast per forward would be wasted.
+            self.module = DDP(
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
         self.optimizer = build_adamw(param_groups(model.named_parameters(), cfg.optim.weight_decay), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.summary = self._summary() if layout.distributed else None
+
+    def _summary(self) -> str:
+        """One line for the log: how the dense parameters are held on this rank."""
+        L = self.layout
+        dense = [p for p in self.model.parameters() if not is_expert_param(p)]
+        if self.fsdp:
+            local = sum(p.to_local().numel() for p in dense)
+            text = f"torch: FSDP2 over {L.world_size} ranks; dense parameters sharded: {local} of "
+            text += f"{sum(p.numel() for p in dense)} elements on rank {L.rank}"
+        else:
+            text = f"torch: DDP over {L.world_size} ranks; dense parameters replicated"
+        if self.expert_params:
+            text += f"; expert shard of {sum(p.numel() for p in self.expert_params)} elements (ep={L.ep})"
+        return text
+
+    def _fully_shard(self, model: torch.nn.Module, device: torch.device) -> None:
+        """FSDP2 over the whole world: one unit per distinct block, then the root (embeddings,
+        final norm, readout). Expert shards are ignored_params: they are already sharded by
+        expert parallelism, and their gradients belong to the expert-data-parallel group."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (self.layout.world_size,))
+        ignored = set(self.expert_params)
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh, ignored_params=ignored)
+        fully_shard(model, mesh=mesh, ignored_params=ignored)
+        self.fsdp = True
+
+    fsdp = False
+
+    def micro_batch(self, last: bool):
+        """Context for one micro-batch's forward and backward: reduce on the last only."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(last)
+            return nullcontext()
+        if self.module is not self.model and not last:
+            return self.module.no_sync()
+        return nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.train.grad_accum_steps).backward()
 
     def step(self) -> torch.Tensor:
-        reduce_gradients(self.model, self.layout)
+        # Dense gradients were averaged by DDP during the last backward.
+        reduce_expert_gradients(self.expert_params, self.layout)
         norm = clip_grad_norm(self.model, self.layout, self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
@@ -92,4 +153,4 @@ def build_backend(model: torch.nn.Module, cfg: Config, layout: ParallelLayout, d
         from moe_dist.trainer.deepspeed_backend import DeepSpeedBackend
 
         return DeepSpeedBackend(model, cfg, layout, device, ds_config)
-    return TorchBackend(model, cfg, layout)
+    return TorchBackend(model, cfg, layout, device)

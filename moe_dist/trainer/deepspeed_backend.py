@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -276,6 +277,9 @@ class DeepSpeedBackend:
             text += f"; expert shard of {n_expert} elements (ep={self.layout.ep}, {where})"
         return text
 
+    def micro_batch(self, last: bool):
+        return nullcontext()  # the engine tracks its own micro-steps
+
     def backward(self, loss: torch.Tensor) -> None:
         # The engine scales by 1/gradient_accumulation_steps and reduces at the boundary.
         self.engine.backward(loss)
@@ -309,7 +313,7 @@ class DeepSpeedBackend:
             import deepspeed
 
             # Every rank writes the whole dense model into its file (the ZeRO-3 optimizer state
-            # beside it holds this rank's fp32 partition); sharded saving is DCP's job (docs/deepspeed.md).
+            # beside it holds this rank's fp32 partition); sharded saving is DCP's job (docs/backends.md).
             dense = [p for p in self.model.parameters()]
             with deepspeed.zero.GatheredParameters(dense, modifier_rank=None):
                 state["model"] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}

@@ -295,16 +295,17 @@ class Trainer:
         counts, dropped, assigned, labels = None, None, None, None
         sent: dict[str, list[int]] = {}
         B, r = self.cfg.train.micro_batch_size, self.layout.rank
-        for batch in batches:
+        for i, batch in enumerate(batches):
             if self.cfg.data.rank_split == "batch" and self.layout.distributed:
                 batch = batch[r * B : (r + 1) * B]  # this rank's rows of the global batch
             batch = batch.to(self.device, non_blocking=True)
-            with self._autocast():
-                out = self.backend.module(batch[:, :-1])
-            lm = lm_loss(out.logits, batch[:, 1:])
-            aux = out.aux_loss
-            loss = lm + aux
-            self.backend.backward(loss)
+            with self.backend.micro_batch(last=i == accum - 1):
+                with self._autocast():
+                    out = self.backend.module(batch[:, :-1])
+                lm = lm_loss(out.logits, batch[:, 1:])
+                aux = out.aux_loss
+                loss = lm + aux
+                self.backend.backward(loss)
             # NOTE: device-to-host sync (and an all-reduce) per micro-batch for the logged losses.
             stats = self._mean_over_ranks(torch.stack([lm.detach(), aux.detach(), loss.detach()]).tolist())
             totals["lm_loss"] += stats[0] / accum

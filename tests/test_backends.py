@@ -1,6 +1,7 @@
-"""The DeepSpeed backend on CPU (gloo): ZeRO 0/1/2/3 with sharded experts give the losses of
-the torch backend and of one process; ZeRO-3 partitions only the dense parameters; resume is
-exact; the DeepSpeed config comes from our YAML and a contradicting user JSON is an error."""
+"""Training backends on CPU (gloo): torch (DDP, or FSDP2) and DeepSpeed ZeRO 0/1/2/3 with
+sharded experts give the losses of one process; ZeRO-3 and FSDP2 partition only the dense
+parameters; resume is exact; the DeepSpeed config comes from our YAML and a contradicting
+user JSON is an error."""
 
 import json
 import os
@@ -59,26 +60,39 @@ def one_process(tmp_path_factory):
     return r
 
 
-@pytest.mark.parametrize("backend", ["torch", "zero0", "zero1", "zero2", "zero3"])
+BACKENDS = {
+    "ddp": ["train.backend=torch"],
+    "fsdp2": ["train.backend=torch", "train.fsdp=true"],
+    **{f"zero{s}": ["train.backend=deepspeed", f"deepspeed.zero_stage={s}"] for s in range(4)},
+}
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
 def test_backends_match_one_process(backend, one_process, tmp_path):
     """2 processes, ep=2, the same global batch: every backend gives the one-process losses."""
-    extra = ["train.backend=torch"] if backend == "torch" else ["train.backend=deepspeed", f"deepspeed.zero_stage={backend[-1]}"]
-    p = ok(torchrun(2, tmp_path, "train.micro_batch_size=4", "parallel.ep=2", *extra))
+    p = ok(torchrun(2, tmp_path, "train.micro_batch_size=4", "parallel.ep=2", *BACKENDS[backend]))
     assert_close(one_process, rows(tmp_path))
-    if backend == "zero3":
+    if backend == "ddp":
+        assert "torch: DDP over 2 ranks; dense parameters replicated; expert shard of 12288 elements (ep=2)" in p.stdout
+    elif backend == "fsdp2":
+        assert ("torch: FSDP2 over 2 ranks; dense parameters sharded: 12576 of 25152 elements on rank 0; "
+                "expert shard of 12288 elements (ep=2)") in p.stdout
+    elif backend == "zero3":
         # Half of the 25,152 dense elements on rank 0; its 12,288-element expert shard whole.
         assert ("deepspeed: ZeRO stage 3, fp32, world 2; dense parameters partitioned: 12576 of 25152 elements "
                 "on rank 0; expert shard of 12288 elements (ep=2, outside ZeRO") in p.stdout
-    elif backend != "torch":
+    else:
         assert f"ZeRO stage {backend[-1]}" in p.stdout and "(ep=2, DeepSpeed expert parameters)" in p.stdout
 
 
 def test_dp_x_ep_with_accumulation_and_offload(tmp_path):
-    """4 processes = dp 2 x ep 2, two micro-batches per step: ZeRO-2 with optimizer offload and
-    ZeRO-3 give the torch backend's losses (expert-data-parallel groups of 2 ranks)."""
+    """4 processes = dp 2 x ep 2, two micro-batches per step: FSDP2, ZeRO-2 with optimizer
+    offload and ZeRO-3 give the DDP losses (expert-data-parallel groups of 2 ranks)."""
     common = ["train.micro_batch_size=1", "train.grad_accum_steps=2", "parallel.ep=2"]
     ok(torchrun(4, tmp_path / "torch", *common))
     ref = rows(tmp_path / "torch")
+    ok(torchrun(4, tmp_path / "fsdp", *common, "train.fsdp=true"))
+    assert_close(ref, rows(tmp_path / "fsdp"))
     ok(torchrun(4, tmp_path / "z2", *common, "train.backend=deepspeed", "deepspeed.zero_stage=2",
                 "deepspeed.offload_optimizer=true"))
     assert_close(ref, rows(tmp_path / "z2"))
@@ -86,11 +100,10 @@ def test_dp_x_ep_with_accumulation_and_offload(tmp_path):
     assert_close(ref, rows(tmp_path / "z3"))
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_exact_resume(stage, tmp_path):
+@pytest.mark.parametrize("backend", ["fsdp2", "zero1", "zero3"])
+def test_exact_resume(backend, tmp_path):
     """Rank 1 dies after step 7 (checkpoint at 6); the resumed run repeats steps 7-10 bit for bit."""
-    args = ["train.micro_batch_size=4", "parallel.ep=2", "train.backend=deepspeed", f"deepspeed.zero_stage={stage}",
-            "checkpoint.every=6", "parallel.timeout_s=20"]
+    args = ["train.micro_batch_size=4", "parallel.ep=2", *BACKENDS[backend], "checkpoint.every=6", "parallel.timeout_s=20"]
     ok(torchrun(2, tmp_path / "ref", *args))
     p = torchrun(2, tmp_path / "run", *args, env={"MOE_DIST_FAULT": "kill_rank:1:7"})
     assert p.returncode != 0
@@ -151,6 +164,8 @@ def test_user_json_merges_and_conflicts_are_named(tmp_path):
 
 
 def test_refusals_are_named():
+    with pytest.raises(ConfigError, match="train.fsdp: is a torch-backend option; with train.backend=deepspeed use"):
+        cfg("train.fsdp=true", "train.backend=deepspeed")
     with pytest.raises(ConfigError, match="deepspeed.zero_stage=0 with bf16 and sharded experts"):
         deepspeed_config(cfg("deepspeed.zero_stage=0", "parallel.ep=2"), 2, True)
     with pytest.raises(ConfigError, match="deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1"):
