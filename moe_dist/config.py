@@ -364,12 +364,18 @@ class CheckpointConfig:
     """Save a checkpoint every N steps (and at the end); 0 = only at the end."""
     keep_last: int = 3
     """Keep the newest N complete checkpoints; 0 = keep all."""
+    fallback: bool = False
+    """train.resume=auto: when the newest checkpoint is damaged, resume from the newest
+    complete one before it, with a warning, instead of stopping with the error."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of N (0 = none), beyond keep_last."""
     save_final: bool = True
     """Save a checkpoint after the last step."""
 
     def validate(self) -> None:
         _require(self.every >= 0, "checkpoint.every", "must be >= 0")
         _require(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+        _require(self.keep_every >= 0, "checkpoint.keep_every", "must be >= 0")
 
 
 @dataclass

@@ -203,9 +203,10 @@ def test_training_ep2_matches_ep1(tmp_path):
             assert (va is None) == (vb is None)
             if va is not None:
                 assert abs(va - vb) <= 1e-5 * max(1.0, abs(va)), (ra, rb)
-    # The per-rank checkpoint files of the ep=2 run hold each rank's expert shard.
+    # Both ranks wrote DCP data (each its experts) and their extras.
     assert sorted(os.listdir(tmp_path / "ep2" / "checkpoints" / "step_00000010")) == [
-        "config.yaml", "meta.json", "state_rank00000.pt", "state_rank00001.pt"]
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "config.yaml", "extra_rank00000.pt", "extra_rank00001.pt",
+        "meta.json"]
 
 
 def test_torchrun_four_processes_trains_and_resumes(tmp_path):

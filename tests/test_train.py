@@ -142,25 +142,38 @@ def test_resume_refuses_other_model_and_corrupt_checkpoint(tmp_path, capsys):
     assert main(base + ["train.resume=auto", "model.d_model=64", "train.max_steps=6"]) == 2
     err = capsys.readouterr().err
     assert "was written by a different model config: model.d_model: checkpoint 32, config 64" in err
-    state = run / "checkpoints" / "step_00000004" / "state_rank00000.pt"
+    state = run / "checkpoints" / "step_00000004" / "__0_0.distcp"  # the DCP shard of rank 0
     data = bytearray(state.read_bytes())
     data[len(data) // 2] ^= 0xFF
     state.write_bytes(bytes(data))
     assert main(base + ["train.resume=auto", "train.max_steps=6"]) == 2
     assert f"error: corrupt checkpoint file {state}: sha256 differs from meta.json" in capsys.readouterr().err
+    # Only when allowed: fall back to step 2, say so, and train on from there.
+    assert main(base + ["train.resume=auto", "train.max_steps=6", "checkpoint.fallback=true"]) == 0
+    out = capsys.readouterr().out
+    assert (f"warning: rank 0: corrupt checkpoint file {state}: sha256 differs from meta.json; "
+            "checkpoint.fallback=true: trying the checkpoint before it") in out
+    assert "resumed from" in out and "step_00000002 (step 2)" in out
 
 
 def test_checkpoint_retention_and_resave(tmp_path):
-    from moe_dist.trainer.checkpoint import load_checkpoint, save_checkpoint
+    from moe_dist.trainer.checkpoint import load_checkpoint, save_checkpoint, state_file, write_rank_file
+
+    def write(state):
+        return lambda tmp: write_rank_file(tmp, state_file(0), state)
 
     root = str(tmp_path / "ckpt")
     for step in (100, 150):
-        save_checkpoint(root, step, {"step": step}, "a: 1\n", keep_last=2)
+        save_checkpoint(root, step, write({"step": step}), "a: 1\n", keep_last=2)
     # A run resumed from an older step saves step 60: retention keeps it (and the newest).
-    save_checkpoint(root, 60, {"step": 60}, "a: 1\n", keep_last=2)
+    save_checkpoint(root, 60, write({"step": 60}), "a: 1\n", keep_last=2)
     assert list_checkpoints(root) == [60, 150]
     # Re-saving a step replaces it whole; nothing is left aside.
-    save_checkpoint(root, 150, {"step": 151}, "a: 2\n", keep_last=2)
+    save_checkpoint(root, 150, write({"step": 151}), "a: 2\n", keep_last=2)
     meta, state, config = load_checkpoint(os.path.join(root, "step_00000150"))
     assert state == {"step": 151} and config == "a: 2\n" and meta["step"] == 150
     assert sorted(os.listdir(root)) == ["step_00000060", "step_00000150"]
+    # keep_every: multiples of 100 survive beyond keep_last.
+    for step in (200, 250, 300, 350):
+        save_checkpoint(root, step, write({"step": step}), "a: 1\n", keep_last=2, keep_every=100)
+    assert list_checkpoints(root) == [200, 300, 350]

@@ -26,7 +26,19 @@ def is_expert_param(p: torch.Tensor) -> bool:
 def _shard_param(p: nn.Parameter, lo: int, hi: int) -> nn.Parameter:
     q = nn.Parameter(p.detach()[lo:hi].clone())
     q._moe_expert = True
+    q._moe_expert_offset = lo  # global id of row 0 (checkpoints key experts by global id)
     return q
+
+
+def expert_stacks(model: nn.Module) -> dict[str, tuple[nn.Parameter, int]]:
+    """Every stacked expert tensor [E_local, ...] by qualified name, with the global expert id
+    of its row 0 (0 when not sharded). Sharded or not, row i is global expert offset + i."""
+    out = {}
+    for prefix, m in model.named_modules():
+        if isinstance(m, (GroupedExperts, StackedLinear)):
+            for name, p in m.named_parameters(recurse=False):
+                out[f"{prefix}.{name}" if prefix else name] = (p, getattr(p, "_moe_expert_offset", 0))
+    return out
 
 
 def autocast_input(x: torch.Tensor) -> torch.Tensor:

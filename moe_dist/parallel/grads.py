@@ -58,6 +58,12 @@ def reduce_expert_gradients(expert: list[torch.Tensor], layout: ParallelLayout) 
             p.grad.div_(layout.world_size)
 
 
+def reduce_replicated(params: list[torch.Tensor], layout: ParallelLayout) -> None:
+    """Replicated parameters outside DDP/FSDP2 (FSDP2's ignored expert stacks at ep=1)."""
+    if layout.distributed:
+        _reduce(params, None, layout.world_size)
+
+
 def reduce_gradients(model: torch.nn.Module, layout: ParallelLayout) -> None:
     """Turn every rank's local gradients into the one-process gradient of the global batch."""
     if not layout.distributed:

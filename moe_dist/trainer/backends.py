@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from moe_dist.config import Config
-from moe_dist.moe.experts import is_expert_param
-from moe_dist.parallel.grads import clip_grad_norm, reduce_expert_gradients
+from moe_dist.moe.experts import expert_stacks, is_expert_param
+from moe_dist.parallel.grads import clip_grad_norm, reduce_expert_gradients, reduce_replicated
 from moe_dist.parallel.layout import ParallelLayout
 from moe_dist.trainer.schedule import lr_factor
 
@@ -102,13 +102,17 @@ class TorchBackend:
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (self.layout.world_size,))
-        ignored = set(self.expert_params)
+        # Every stacked expert tensor stays whole, sharded or not (ep=1), so checkpoints key
+        # experts by global id under any backend; unsharded ones are all-reduced in step().
+        ignored = {p for p, _ in expert_stacks(model).values()}
+        self.replicated_stacks = [p for p in ignored if not is_expert_param(p)]
         for block in model.blocks:
             fully_shard(block, mesh=mesh, ignored_params=ignored)
         fully_shard(model, mesh=mesh, ignored_params=ignored)
         self.fsdp = True
 
     fsdp = False
+    replicated_stacks: list = []
 
     def micro_batch(self, last: bool):
         """Context for one micro-batch's forward and backward: reduce on the last only."""
@@ -123,8 +127,10 @@ class TorchBackend:
         (loss / self.cfg.train.grad_accum_steps).backward()
 
     def step(self) -> torch.Tensor:
-        # Dense gradients were averaged by DDP during the last backward.
+        # Dense gradients were averaged by DDP (or reduce-scattered by FSDP2) in the last backward.
         reduce_expert_gradients(self.expert_params, self.layout)
+        if self.replicated_stacks:
+            reduce_replicated(self.replicated_stacks, self.layout)
         norm = clip_grad_norm(self.model, self.layout, self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()

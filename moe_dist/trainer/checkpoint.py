@@ -1,19 +1,22 @@
-"""Checkpoints, one file per rank, written atomically.
+"""Checkpoints: a directory per step, written by every rank in parallel, made visible atomically.
 
-A checkpoint is a directory checkpoints/step_00000050/ holding
-    state_rank00000.pt ...  per rank: model (its expert shards), optimizer, scheduler, RNG
-                            states, data-loader position, step
-    config.yaml             the resolved config of the run that wrote it
-    meta.json               step, layout (world, ep), sha256 and size of every other file
-                            (written last, by rank 0)
+Format 3 (torch backend):
+    checkpoints/step_00000050/
+        .metadata, __R_0.distcp    torch.distributed.checkpoint files: model and optimizer,
+                                   every expert keyed by its global id (trainer/sharded_state.py)
+        extra_rankNNNNN.pt         per rank: step, LR schedule, RNG states, data-loader position
+        config.yaml                the resolved config of the run that wrote it
+        meta.json                  format, step, layout (world, ep, dp, expert placement), config
+                                   sha256, code version, and the sha256 and size of every file
+                                   (written last, by rank 0)
+Format 2 (DeepSpeed backend, whose ZeRO optimizer state is a per-rank partition):
+    state_rankNNNNN.pt per rank instead of the DCP files and the extras; same layout only.
 
-Every rank writes its file into checkpoints/.tmp-step_.../ and fsyncs it; after a barrier,
-rank 0 checksums the files, writes meta.json, renames the directory into place and fsyncs
-the parent. A crash before the rename leaves only a .tmp- directory, which is never taken
-for a checkpoint (and is removed by the next save); a directory without a valid meta.json,
-or whose files do not match it, is refused by name.
-A checkpoint resumes on the same layout (world size and ep); resharding to another layout
-is the sharded-checkpoint issue's work and is refused here with the two layouts named.
+Every rank writes into checkpoints/.tmp-step_.../ and fsyncs; after a barrier rank 0
+checksums the files, writes meta.json, renames the directory into place and fsyncs the
+parent. A crash before the rename leaves only a .tmp- directory, which is never taken for a
+checkpoint (and is removed by the next save); a directory without a valid meta.json, or
+whose files do not match it, is refused by name.
 """
 
 from __future__ import annotations
@@ -29,12 +32,18 @@ import torch
 from moe_dist.errors import CheckpointError
 from moe_dist.files import sha256_file
 
-FORMAT = 2
+FORMATS = (2, 3)
 META, CONFIG = "meta.json", "config.yaml"
 
 
 def state_file(rank: int) -> str:
     return f"state_rank{rank:05d}.pt"
+
+
+def extra_file(rank: int) -> str:
+    return f"extra_rank{rank:05d}.pt"
+
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -62,17 +71,26 @@ def _barrier(layout) -> None:
         dist.barrier()
 
 
+def write_rank_file(tmp: str, name: str, obj: Any) -> None:
+    path = os.path.join(tmp, name)
+    torch.save(obj, path)
+    _fsync_file(path)
+
+
 def save_checkpoint(
     ckpt_root: str,
     step: int,
-    state: dict[str, Any],
+    write: Callable[[str], None],
     config_yaml: str,
     keep_last: int = 0,
     before_rename: Optional[Callable[[str], None]] = None,
     layout=None,
+    meta_extra: Optional[dict[str, Any]] = None,
+    keep_every: int = 0,
 ) -> str:
-    """Write checkpoint `step` atomically (every rank calls this); return its directory.
-    Applies keep_last retention."""
+    """Write checkpoint `step` atomically (every rank calls this; `write(tmp_dir)` writes this
+    rank's files); return its directory. Retention keeps the newest keep_last (0 = all) plus
+    every step divisible by keep_every (0 = none)."""
     rank = layout.rank if layout is not None else 0
     world = layout.world_size if layout is not None else 1
     final = os.path.join(ckpt_root, step_dir_name(step))
@@ -84,19 +102,19 @@ def save_checkpoint(
                 shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
         os.makedirs(tmp)
     _barrier(layout)
-    own = os.path.join(tmp, state_file(rank))
-    torch.save(state, own)
-    _fsync_file(own)
+    write(tmp)
     _barrier(layout)
     if rank == 0:
         with open(os.path.join(tmp, CONFIG), "w") as f:
             f.write(config_yaml)
         _fsync_file(os.path.join(tmp, CONFIG))
         files = {}
-        for name in [state_file(r) for r in range(world)] + [CONFIG]:
+        for name in sorted(os.listdir(tmp)):
             path = os.path.join(tmp, name)
+            _fsync_file(path)  # DCP syncs its data files; .metadata and the rest get synced here
             files[name] = {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
-        meta = {"format": FORMAT, "step": step, "world_size": world, "ep": layout.ep if layout else 1, "files": files}
+        meta = {"format": 2, "step": step, "world_size": world, "ep": layout.ep if layout else 1,
+                **(meta_extra or {}), "files": files}
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(meta, f, indent=1)
             f.flush()
@@ -114,9 +132,12 @@ def save_checkpoint(
             shutil.rmtree(replaced, ignore_errors=True)
         if keep_last > 0:
             # Keep the one just written (even when a resumed run writes an older step than
-            # what the directory holds) and the newest keep_last - 1 others.
+            # what the directory holds), the newest keep_last - 1 others, and every
+            # keep_every-th step.
             others = [s for s in list_checkpoints(ckpt_root) if s != step]
             for old in others[: max(0, len(others) - (keep_last - 1))]:
+                if keep_every > 0 and old % keep_every == 0:
+                    continue
                 shutil.rmtree(os.path.join(ckpt_root, step_dir_name(old)), ignore_errors=True)
     _barrier(layout)
     return final
@@ -141,8 +162,8 @@ def verify_checkpoint(path: str, files: Optional[list[str]] = None) -> dict:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: format {meta.get('format')}, expected {FORMAT}")
+    if meta.get("format") not in FORMATS:
+        raise CheckpointError(f"{meta_path}: format {meta.get('format')}, expected one of {FORMATS}")
     for name, want in meta["files"].items():
         file = os.path.join(path, name)
         if not os.path.isfile(file):
@@ -166,22 +187,37 @@ def latest_checkpoint(ckpt_root: str) -> Optional[str]:
     return path
 
 
+def read_config(path: str) -> str:
+    with open(os.path.join(path, CONFIG)) as f:
+        return f.read()
+
+
+def _torch_load(path: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # unpickling errors have many types
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
 def load_checkpoint(path: str, rank: int = 0, world_size: int = 1, ep: int = 1) -> tuple[dict, dict[str, Any], str]:
-    """(meta, this rank's state, config_yaml) of a verified checkpoint of the same layout."""
+    """(meta, this rank's state, config_yaml) of a verified checkpoint.
+    Format 2: this rank's state file; the layout must match.
+    Format 3: this rank's extras (rank 0's when the world size changed); the model and
+    optimizer are read from the DCP files by trainer/sharded_state.py."""
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory not found: {path}")
-    own = state_file(rank)
-    meta = verify_checkpoint(path, files=[own, CONFIG])
-    if (meta["world_size"], meta["ep"]) != (world_size, ep):
-        raise CheckpointError(
-            f"checkpoint {path} was written with world size {meta['world_size']}, ep {meta['ep']}; "
-            f"this run has world size {world_size}, ep {ep}: resume on the same layout "
-            "(resharding is not implemented yet)"
-        )
-    try:
-        state = torch.load(os.path.join(path, own), map_location="cpu", weights_only=False)
-    except Exception as e:  # unpickling errors have many types
-        raise CheckpointError(f"cannot read {os.path.join(path, own)}: {e}") from None
-    with open(os.path.join(path, CONFIG)) as f:
-        config_yaml = f.read()
-    return meta, state, config_yaml
+    meta = verify_checkpoint(path, files=[CONFIG])
+    if meta["format"] == 2:
+        own = state_file(rank)
+        verify_checkpoint(path, files=[own])
+        if (meta["world_size"], meta["ep"]) != (world_size, ep):
+            raise CheckpointError(
+                f"checkpoint {path} was written with world size {meta['world_size']}, ep {meta['ep']}; "
+                f"this run has world size {world_size}, ep {ep}: a format-2 (DeepSpeed backend) checkpoint "
+                "resumes on the same layout only"
+            )
+        return meta, _torch_load(os.path.join(path, own)), read_config(path)
+    own = extra_file(rank if meta["world_size"] == world_size else 0)
+    # Every DCP file and this rank's extras: a corrupt shard is refused before any load.
+    verify_checkpoint(path, files=[own] + [n for n in meta["files"] if not n.startswith(("extra_", "state_"))])
+    return meta, _torch_load(os.path.join(path, own)), read_config(path)

@@ -9,6 +9,7 @@ RNG, so a resumed run computes bit-for-bit the same steps as an uninterrupted on
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -21,13 +22,16 @@ import numpy as np
 import torch
 import yaml
 
+import moe_dist
 from moe_dist.config import Config, dump_config
 from moe_dist.data.cache import ensure_prepared
 from moe_dist.data.loader import build_loader, data_tokenizer, val_windows
 from moe_dist.errors import CheckpointError, ConfigError, DataError, LaunchError, MoeDistError
 from moe_dist.models.transformer import LM, lm_loss
 from moe_dist.parallel.layout import ParallelLayout, env_from_mpi
+from moe_dist.moe.experts import expert_stacks
 from moe_dist.trainer import checkpoint as ckpt
+from moe_dist.trainer import sharded_state
 from moe_dist.trainer.backends import build_backend
 from moe_dist.trainer.metrics import MetricsLogger
 
@@ -130,11 +134,8 @@ class Trainer:
             self.ds_config = deepspeed_config(cfg, self.layout.world_size, use_bf16)
 
         # Resume point first: a bad checkpoint must fail before any data or model work.
-        self.resume_path = self._find_resume()
-        resume_meta = resume_state = None
+        self.resume_path, resume_meta, resume_state, old_yaml = self._open_resume()
         if self.resume_path is not None:
-            L = self.layout
-            resume_meta, resume_state, old_yaml = ckpt.load_checkpoint(self.resume_path, L.rank, L.world_size, L.ep)
             diffs = _config_diff(yaml.safe_load(old_yaml), cfg.to_dict()) + _backend_diff(
                 yaml.safe_load(old_yaml), cfg.to_dict()
             )
@@ -142,6 +143,7 @@ class Trainer:
                 raise CheckpointError(
                     f"checkpoint {self.resume_path} was written by a different model config: " + "; ".join(diffs)
                 )
+            self._check_reshard(resume_meta)
 
         self.data_dir, self.manifest = self._prepare_data()
         vocab = self.manifest["vocab_size"]
@@ -187,7 +189,7 @@ class Trainer:
         )
         self.step = 0
         if resume_state is not None:
-            self._load_state(resume_state)
+            self._load_state(resume_state, resume_meta)
             self.log(f"resumed from {self.resume_path} (step {resume_meta['step']})")
         self.metrics = None
         if self.is_main:
@@ -216,13 +218,38 @@ class Trainer:
 
     # -- setup -------------------------------------------------------------------------
 
-    def _find_resume(self) -> Optional[str]:
-        resume = self.cfg.train.resume
+    def _open_resume(self) -> tuple[Optional[str], Any, Any, Any]:
+        """(path, meta, this rank's state, config yaml) of the checkpoint to resume, or Nones.
+        A damaged checkpoint is an error naming the file; with train.resume=auto and
+        checkpoint.fallback=true, the newest complete one before it is used instead, with a
+        warning. Every rank checks its own files and all take the same decision."""
+        resume, L = self.cfg.train.resume, self.layout
         if resume == "none":
-            return None
-        if resume == "auto":
-            return ckpt.latest_checkpoint(self.ckpt_dir)
-        return os.path.abspath(os.path.expanduser(resume))
+            return None, None, None, None
+        if resume != "auto":
+            path = os.path.abspath(os.path.expanduser(resume))
+            return (path, *ckpt.load_checkpoint(path, L.rank, L.world_size, L.ep))
+        steps = ckpt.list_checkpoints(self.ckpt_dir)[::-1]
+        for i, step in enumerate(steps):
+            path = os.path.join(self.ckpt_dir, ckpt.step_dir_name(step))
+            loaded, error = None, None
+            try:
+                loaded = ckpt.load_checkpoint(path, L.rank, L.world_size, L.ep)
+            except CheckpointError as e:
+                error = str(e)
+            errors = [error]
+            if L.distributed:
+                import torch.distributed as dist
+
+                errors = [None] * L.world_size
+                dist.all_gather_object(errors, error)
+            first = next((f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None), None)
+            if first is None:
+                return (path, *loaded)
+            if not self.cfg.checkpoint.fallback or i == len(steps) - 1:
+                raise CheckpointError(error or first)
+            self.log(f"warning: {first}; checkpoint.fallback=true: trying the checkpoint before it")
+        return None, None, None, None
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -232,9 +259,34 @@ class Trainer:
             "train_loader": self.train_loader.state_dict(),
         }
 
-    def _load_state(self, state: dict[str, Any]) -> None:
+    def _global_batch(self) -> int:
+        return self.cfg.train.micro_batch_size * self.cfg.train.grad_accum_steps * self.layout.world_size
+
+    def _check_reshard(self, meta: dict) -> None:
+        """A format-3 checkpoint may resume under another world size and ep, if the data
+        position carries over: the same global batch, read as global batches."""
+        if meta["format"] != 3 or meta["world_size"] == self.layout.world_size:
+            return
+        where = f"checkpoint {self.resume_path} (world size {meta['world_size']}, ep {meta['ep']})"
+        if self.cfg.data.rank_split != "batch" or meta.get("rank_split") != "batch":
+            raise CheckpointError(
+                f"{where} cannot resume on world size {self.layout.world_size}: resharding needs "
+                "data.rank_split=batch in both runs (with rank_split=shards each rank's data position "
+                "belongs to its old rank)"
+            )
+        if meta["global_batch"] != self._global_batch():
+            raise CheckpointError(
+                f"{where} was trained with a global batch of {meta['global_batch']} sequences; this run has "
+                f"{self._global_batch()} (train.micro_batch_size x grad_accum_steps x world size): keep it equal"
+            )
+
+    def _load_state(self, state: dict[str, Any], meta: dict) -> None:
         try:
-            self.backend.load_state_dict(state)
+            if meta["format"] == 3:
+                sharded_state.load(self.resume_path, self.model, self.backend.optimizer)
+                self.backend.scheduler.load_state_dict(state["scheduler"])
+            else:
+                self.backend.load_state_dict(state)
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{self.resume_path}: state does not fit this model: {e}") from None
         self.train_loader.load_state_dict(state["train_loader"])
@@ -251,9 +303,46 @@ class Trainer:
     def save(self) -> str:
         before = (lambda _tmp: _kill_self()) if _fault("kill_in_save", self.step) else None
         config_yaml = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+        L, c = self.layout, self.cfg.checkpoint
+        if self.cfg.train.backend == "deepspeed":  # ZeRO partitions: format 2, same layout
+            state = self._state()
+            write = lambda tmp: ckpt.write_rank_file(tmp, ckpt.state_file(L.rank), state)  # noqa: E731
+            meta = None
+        else:
+            extras = {
+                "step": self.step,
+                "scheduler": self.backend.scheduler.state_dict(),
+                "rng": _rng_state(),
+                "train_loader": self.train_loader.state_dict(),
+            }
+
+            def write(tmp: str) -> None:
+                sharded_state.save(tmp, self.model, self.backend.optimizer)
+                ckpt.write_rank_file(tmp, ckpt.extra_file(L.rank), extras)
+
+            meta = {
+                "format": 3,
+                "dp": L.dp,
+                "global_batch": self._global_batch(),
+                "rank_split": self.cfg.data.rank_split,
+                "experts": self._expert_layout(),
+                "config_sha256": hashlib.sha256(config_yaml.encode()).hexdigest(),
+                "code_version": moe_dist.__version__,
+            }
         return ckpt.save_checkpoint(
-            self.ckpt_dir, self.step, self._state(), config_yaml, self.cfg.checkpoint.keep_last, before, self.layout
+            self.ckpt_dir, self.step, write, config_yaml, c.keep_last, before, L, meta, c.keep_every
         )
+
+    def _expert_layout(self) -> dict[str, list[list[int]]]:
+        """Per stacked expert tensor, [first global id, rows] on each ep rank (for meta.json)."""
+        mine = {name: [off, p.shape[0]] for name, (p, off) in expert_stacks(self.model).items()}
+        if not self.layout.distributed:
+            return {name: [v] for name, v in mine.items()}
+        import torch.distributed as dist
+
+        every: list = [None] * self.layout.world_size
+        dist.all_gather_object(every, mine)
+        return {name: [every[r][name] for r in range(self.layout.ep)] for name in mine}
 
     def _mean_over_ranks(self, values: list[float]) -> list[float]:
         if not self.layout.distributed:
