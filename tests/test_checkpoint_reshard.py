@@ -1,7 +1,8 @@
 """Sharded (DCP) checkpoints on CPU (gloo): a checkpoint written at ep=4 on 4 processes,
 with uneven expert placement, resumes at ep=2 on 2 processes and on one process, model and
-optimizer state included, and continues the uninterrupted run's losses; a multi-process job
-killed during a save resumes from the last complete checkpoint, bit for bit."""
+optimizer state included, and continues the uninterrupted run's losses; so does a DeepSpeed
+ZeRO-2 checkpoint; a multi-process job killed during a save resumes from the last complete
+checkpoint, bit for bit."""
 
 import json
 import os
@@ -77,6 +78,31 @@ def test_resume_at_another_expert_parallel_layout(tmp_path):
         assert "resumed from" in p.stdout
         got = rows(run)
         assert [sorted(r) for r in got] == [sorted(r) for r in expected]
+        for a, b in zip(expected, got):
+            for k in ("loss", "lm_loss", "aux_loss", "val_loss", "grad_norm"):
+                if k in a:
+                    assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (ep, k, a, b)
+
+
+def test_deepspeed_zero_checkpoint_reshards(tmp_path):
+    """ZeRO-2 on 4 ranks (dp 2 x ep 2: every moment partitioned over 2 ranks) resumes on 2
+    ranks at ep=2 and on one process: the state is saved per parameter and per expert, not
+    as ZeRO's per-rank partitions."""
+    # Dropless: with capacity, dp 2 x ep 2 decides drops per ep group (half the batch), a
+    # different model from ep=2 on 2 ranks; without drops the layouts compute the same.
+    zero = ["train.backend=deepspeed", "deepspeed.zero_stage=2", "moe.capacity_factor=0"]
+    ref = tmp_path / "dp2ep2"
+    ok(torchrun(4, ref, *zero, "parallel.ep=2", "train.micro_batch_size=2", "checkpoint.every=6"))
+    step6 = ref / "checkpoints" / "step_00000006"
+    assert json.loads((step6 / "meta.json").read_text())["format"] == 3
+    expected = rows(ref, after=6)
+    for nproc, ep in ((2, 2), (1, 1)):
+        run = tmp_path / f"ep{ep}"
+        shutil.copytree(step6, run / "checkpoints" / "step_00000006")
+        ok(torchrun(nproc, run, *zero, f"parallel.ep={ep}", f"train.micro_batch_size={8 // nproc}",
+                    "train.resume=auto", "checkpoint.every=0", "checkpoint.save_final=false"))
+        got = rows(run)
+        assert len(got) == len(expected)
         for a, b in zip(expected, got):
             for k in ("loss", "lm_loss", "aux_loss", "val_loss", "grad_norm"):
                 if k in a:

@@ -27,6 +27,7 @@ from moe_dist.config import Config
 from moe_dist.moe.experts import expert_stacks, is_expert_param
 from moe_dist.parallel.grads import clip_grad_norm, reduce_expert_gradients, reduce_replicated
 from moe_dist.parallel.layout import ParallelLayout
+from moe_dist.trainer import sharded_state
 from moe_dist.trainer.schedule import lr_factor
 
 
@@ -50,6 +51,24 @@ def build_adamw(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.AdamW:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim, cfg.train.max_steps))
+
+
+def load_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict[str, Any]) -> None:
+    """LRScheduler.load_state_dict restores the schedule's position but not the optimizer's
+    current lr, which only the next scheduler.step() would set: set it here."""
+    n = len(scheduler.optimizer.param_groups)
+    if len(state["base_lrs"]) != n:
+        # A resharded run may group parameters differently (DeepSpeed's expert groups exist
+        # only under ep > 1); every group follows one schedule, so the lists just resize.
+        if len(set(state["base_lrs"])) != 1:
+            raise ValueError(f"scheduler state has {len(state['base_lrs'])} different group lrs, this optimizer {n} groups")
+        state = dict(state)
+        for key in ("base_lrs", "_last_lr", "lr_lambdas"):
+            if key in state:
+                state[key] = [state[key][0]] * n
+    scheduler.load_state_dict(state)
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
 
 
 class TorchBackend:
@@ -147,6 +166,15 @@ class TorchBackend:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
         }
+
+    # Format-3 checkpoints (trainer/sharded_state.py): collective over every rank.
+    sharded_checkpoints = True
+
+    def save_sharded(self, path: str) -> None:
+        sharded_state.save(path, self.model, self.optimizer)
+
+    def load_sharded(self, path: str) -> None:
+        sharded_state.load(path, self.model, self.optimizer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"], strict=True)

@@ -42,6 +42,7 @@ from moe_dist.errors import ConfigError, LaunchError
 from moe_dist.moe.experts import is_expert_param
 from moe_dist.parallel.grads import clip_grad_norm, reduce_expert_gradients
 from moe_dist.parallel.layout import ParallelLayout
+from moe_dist.trainer import sharded_state
 from moe_dist.trainer.backends import build_adamw, build_scheduler, param_groups
 
 # DeepSpeed config keys that this YAML decides; a user JSON may repeat them only with the same value.
@@ -306,6 +307,24 @@ class DeepSpeedBackend:
         return self.scheduler.get_last_lr()[0]
 
     # -- state ---------------------------------------------------------------------------
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """ZeRO-0/1/2 write format 3 (experts by global id, any layout); ZeRO-3's experts
+        live outside the engine and it writes format 2 (same layout only)."""
+        return self.stage < 3
+
+    def save_sharded(self, path: str) -> None:
+        if isinstance(self.optimizer, torch.optim.Optimizer) and not hasattr(self.optimizer, "optimizer"):
+            sharded_state.save(path, self.model, self.optimizer)  # ZeRO-0 fp32: the client AdamW itself
+        else:
+            sharded_state.save_zero(path, self.model, self.optimizer)
+
+    def load_sharded(self, path: str) -> None:
+        if isinstance(self.optimizer, torch.optim.Optimizer) and not hasattr(self.optimizer, "optimizer"):
+            sharded_state.load(path, self.model, self.optimizer)
+        else:
+            sharded_state.load_zero(path, self.model, self.optimizer)
 
     def state_dict(self) -> dict[str, Any]:
         state = {"scheduler": self.scheduler.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -74,3 +74,99 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
             state["step"].copy_(flat[f"optim.{name}@{stacks[name][1]}.step"])
     optim_sd["param_groups"] = flat["optim_param_groups"]
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+
+# -- DeepSpeed ZeRO-1/2 ------------------------------------------------------------------
+# ZeRO keeps fp32 master weights and AdamW moments as flat per-rank partitions. DeepSpeed's
+# safe_get/set_full_* API (deepspeed.utils) gathers and scatters them per parameter, so the
+# same keys as above can be written and read: the checkpoint no longer depends on how ZeRO
+# partitioned the state, and reshards like a torch-backend one.
+
+_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _init_adam_state(adam: torch.optim.Optimizer) -> None:
+    """Create AdamW's (lazily created) state with one step at lr 0 on zero gradients, so a
+    checkpoint can be loaded into it before the first real step; values are overwritten."""
+    if adam.state and all(adam.state[p] for g in adam.param_groups for p in g["params"]):
+        return
+    lrs = [g["lr"] for g in adam.param_groups]
+    for g in adam.param_groups:
+        g["lr"] = 0.0
+        for p in g["params"]:
+            p.grad = torch.zeros_like(p)
+    adam.step()
+    for g, lr in zip(adam.param_groups, lrs):
+        g["lr"] = lr
+        for p in g["params"]:
+            p.grad = None
+
+
+def _zero_step(optimizer) -> torch.Tensor:
+    """AdamW's step count inside ZeRO's base optimizer (equal for every flat group)."""
+    return next(iter(optimizer.optimizer.state.values()))["step"]
+
+
+def _zero_entries(model: torch.nn.Module, optimizer, full: bool) -> dict[str, Any]:
+    """Flat DCP entries for a ZeRO-1/2 engine's model: gathered values when `full`, else
+    empty tensors of the right shapes to load into (collective when `full`)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    _init_adam_state(optimizer.optimizer)
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        # DeepSpeed links each parameter to its AdamW state once, after the FIRST param
+        # group's first step, before the other groups have state (their moments are then
+        # "not found"): link again now that every group has its state.
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+    stacks = {name: offset for name, (p, offset) in expert_stacks(model).items()}
+    step = _zero_step(optimizer)
+    flat: dict[str, Any] = {}
+    for name, p in model.named_parameters():
+        values = {"": safe_get_full_fp32_param(p) if full else torch.empty(p.shape, dtype=torch.float32)}
+        for key in _ADAM_KEYS:
+            values[key] = safe_get_full_optimizer_state(p, key) if full else torch.empty(p.shape, dtype=torch.float32)
+        values["step"] = step.clone() if full else torch.zeros_like(step)
+        for key, t in values.items():
+            base = f"model.{name}" if key == "" else f"optim.{name}"
+            suffix = "" if key == "" else f".{key}"
+            if name in stacks:
+                for i in range(p.shape[0]):
+                    flat[f"{base}@{stacks[name] + i}{suffix}"] = t[i] if t.ndim > 0 else t.clone()
+            else:
+                flat[f"{base}{suffix}"] = t
+    for name, b in model.named_buffers():
+        flat[f"model.{name}"] = b.detach().clone() if full else torch.empty_like(b)
+    return flat
+
+
+def save_zero(path: str, model: torch.nn.Module, optimizer) -> None:
+    dcp.save(_zero_entries(model, optimizer, full=True), checkpoint_id=path)
+
+
+def load_zero(path: str, model: torch.nn.Module, optimizer) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    flat = _zero_entries(model, optimizer, full=False)
+    dcp.load(flat, checkpoint_id=path)
+    stacks = {name: offset for name, (p, offset) in expert_stacks(model).items()}
+
+    def full(base: str, name: str, rows: int, suffix: str = "") -> torch.Tensor:
+        if name not in stacks:
+            return flat[f"{base}{suffix}"]
+        return torch.stack([flat[f"{base}@{stacks[name] + i}{suffix}"] for i in range(rows)])
+
+    step = None
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            rows = p.shape[0] if p.ndim else 0
+            value = full(f"model.{name}", name, rows)
+            p.copy_(value.to(p.dtype))  # the module's (possibly bf16) copy
+            safe_set_full_fp32_param(p, value.to(p.device))  # this rank's fp32 master fragment
+            for key in _ADAM_KEYS:
+                safe_set_full_optimizer_state(p, full(f"optim.{name}", name, rows, f".{key}").to(p.device), key)
+            step = flat[f"optim.{name}.step"] if name not in stacks else flat[f"optim.{name}@{stacks[name]}.step"]
+        for name, b in model.named_buffers():
+            b.copy_(flat[f"model.{name}"])
+        for state in optimizer.optimizer.state.values():
+            state["step"].copy_(step) if torch.is_tensor(state["step"]) else state.__setitem__("step", float(step))

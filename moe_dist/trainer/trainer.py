@@ -31,8 +31,7 @@ from moe_dist.models.transformer import LM, lm_loss
 from moe_dist.parallel.layout import ParallelLayout, env_from_mpi
 from moe_dist.moe.experts import expert_stacks
 from moe_dist.trainer import checkpoint as ckpt
-from moe_dist.trainer import sharded_state
-from moe_dist.trainer.backends import build_backend
+from moe_dist.trainer.backends import build_backend, load_scheduler
 from moe_dist.trainer.metrics import MetricsLogger
 
 # Config sections that must match between a checkpoint and the run resuming it.
@@ -283,8 +282,8 @@ class Trainer:
     def _load_state(self, state: dict[str, Any], meta: dict) -> None:
         try:
             if meta["format"] == 3:
-                sharded_state.load(self.resume_path, self.model, self.backend.optimizer)
-                self.backend.scheduler.load_state_dict(state["scheduler"])
+                self.backend.load_sharded(self.resume_path)
+                load_scheduler(self.backend.scheduler, state["scheduler"])
             else:
                 self.backend.load_state_dict(state)
         except (RuntimeError, ValueError, KeyError) as e:
@@ -304,7 +303,7 @@ class Trainer:
         before = (lambda _tmp: _kill_self()) if _fault("kill_in_save", self.step) else None
         config_yaml = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
         L, c = self.layout, self.cfg.checkpoint
-        if self.cfg.train.backend == "deepspeed":  # ZeRO partitions: format 2, same layout
+        if not self.backend.sharded_checkpoints:  # ZeRO-3: format 2, same layout
             state = self._state()
             write = lambda tmp: ckpt.write_rank_file(tmp, ckpt.state_file(L.rank), state)  # noqa: E731
             meta = None
@@ -317,7 +316,7 @@ class Trainer:
             }
 
             def write(tmp: str) -> None:
-                sharded_state.save(tmp, self.model, self.backend.optimizer)
+                self.backend.save_sharded(tmp)
                 ckpt.write_rank_file(tmp, ckpt.extra_file(L.rank), extras)
 
             meta = {
