@@ -358,9 +358,12 @@ def test_loss_free_bias_in_every_router(ffn, attention, tmp_path):
     trainer.close()
     biases = {k: v for k, v in trainer.model.state_dict().items() if k.endswith("bias") and "balance" in k}
     assert biases and all(v.abs().sum() > 0 for v in biases.values())
-    saved = torch.load(tmp_path / "checkpoints" / "step_00000003" / "state_rank00000.pt", weights_only=False)["model"]
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(tmp_path / "checkpoints" / "step_00000003", tmp_path / "flat.pt")
+    saved = torch.load(tmp_path / "flat.pt", weights_only=False)
     for k, v in biases.items():
-        assert torch.equal(saved[k], v)
+        assert torch.equal(saved[f"model.{k}"], v)
 
 
 # ----------------------------------------------------------------------------- config

@@ -23,6 +23,8 @@ BASE = TINY + [
     "train.max_steps=10", "train.eval_every=5", "data.rank_split=batch", "moe.num_experts=6",
     "model.attention=switchhead", "attention.num_experts=3", "parallel.attention_experts=sharded",
     "checkpoint.keep_last=0", "optim.grad_clip=0.5",
+    # Aux-loss-free selection biases move every step: their state must survive too.
+    "moe.bias_update_rate=0.01", "attention.bias_update_rate=0.01",
 ]
 SKIP = {"tokens_per_s"}
 
