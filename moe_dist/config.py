@@ -364,6 +364,10 @@ class CheckpointConfig:
     """Save a checkpoint every N steps (and at the end); 0 = only at the end."""
     keep_last: int = 3
     """Keep the newest N complete checkpoints; 0 = keep all."""
+    async_save: bool = False
+    """Write checkpoints in a background thread: the state is copied to CPU memory at the
+    save step and training goes on; the checkpoint becomes visible (renamed into place) at
+    the next save or at the end of training."""
     fallback: bool = False
     """train.resume=auto: when the newest checkpoint is damaged, resume from the newest
     complete one before it, with a warning, instead of stopping with the error."""

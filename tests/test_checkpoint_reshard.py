@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO, TINY
@@ -119,8 +120,11 @@ def test_resharding_refuses_another_global_batch(tmp_path):
     assert "was trained with a global batch of 8 sequences; this run has 4" in p.stderr
 
 
-def test_killed_during_a_multiprocess_save_resumes_bitwise(tmp_path):
-    args = ["parallel.ep=2", "train.micro_batch_size=4", "checkpoint.every=3"]
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_killed_during_a_multiprocess_save_resumes_bitwise(mode, tmp_path):
+    """With checkpoint.async_save the files are written in the background and the rename
+    happens at the next save (step 9 here); the kill comes there."""
+    args = ["parallel.ep=2", "train.micro_batch_size=4", "checkpoint.every=3", f"checkpoint.async_save={mode == 'async'}"]
     ok(torchrun(2, tmp_path / "ref", *args))
     expected = rows(tmp_path / "ref")
     run = tmp_path / "run"

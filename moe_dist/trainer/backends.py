@@ -170,8 +170,8 @@ class TorchBackend:
     # Format-3 checkpoints (trainer/sharded_state.py): collective over every rank.
     sharded_checkpoints = True
 
-    def save_sharded(self, path: str) -> None:
-        sharded_state.save(path, self.model, self.optimizer)
+    def save_sharded(self, path: str, async_group=None):
+        return sharded_state.save(path, self.model, self.optimizer, async_group)
 
     def load_sharded(self, path: str) -> None:
         sharded_state.load(path, self.model, self.optimizer)

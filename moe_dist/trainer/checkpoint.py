@@ -80,7 +80,7 @@ def write_rank_file(tmp: str, name: str, obj: Any) -> None:
 def save_checkpoint(
     ckpt_root: str,
     step: int,
-    write: Callable[[str], None],
+    write: Callable[[str], Any],
     config_yaml: str,
     keep_last: int = 0,
     before_rename: Optional[Callable[[str], None]] = None,
@@ -91,9 +91,14 @@ def save_checkpoint(
     """Write checkpoint `step` atomically (every rank calls this; `write(tmp_dir)` writes this
     rank's files); return its directory. Retention keeps the newest keep_last (0 = all) plus
     every step divisible by keep_every (0 = none)."""
+    tmp, _ = start_save(ckpt_root, step, write, layout)
+    return finish_save(ckpt_root, step, tmp, config_yaml, keep_last, before_rename, layout, meta_extra, keep_every)
+
+
+def start_save(ckpt_root: str, step: int, write: Callable[[str], Any], layout=None) -> tuple[str, Any]:
+    """First half of a save (collective): a fresh temporary directory, then `write(tmp)`.
+    Returns (tmp, whatever write returned: an asynchronous save's future)."""
     rank = layout.rank if layout is not None else 0
-    world = layout.world_size if layout is not None else 1
-    final = os.path.join(ckpt_root, step_dir_name(step))
     tmp = os.path.join(ckpt_root, f".tmp-{step_dir_name(step)}")
     if rank == 0:
         os.makedirs(ckpt_root, exist_ok=True)
@@ -102,7 +107,25 @@ def save_checkpoint(
                 shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
         os.makedirs(tmp)
     _barrier(layout)
-    write(tmp)
+    return tmp, write(tmp)
+
+
+def finish_save(
+    ckpt_root: str,
+    step: int,
+    tmp: str,
+    config_yaml: str,
+    keep_last: int = 0,
+    before_rename: Optional[Callable[[str], None]] = None,
+    layout=None,
+    meta_extra: Optional[dict[str, Any]] = None,
+    keep_every: int = 0,
+) -> str:
+    """Second half (collective, once every rank's files are written): checksums, meta.json,
+    the atomic rename, retention."""
+    rank = layout.rank if layout is not None else 0
+    world = layout.world_size if layout is not None else 1
+    final = os.path.join(ckpt_root, step_dir_name(step))
     _barrier(layout)
     if rank == 0:
         with open(os.path.join(tmp, CONFIG), "w") as f:

@@ -314,11 +314,11 @@ class DeepSpeedBackend:
         live outside the engine and it writes format 2 (same layout only)."""
         return self.stage < 3
 
-    def save_sharded(self, path: str) -> None:
+    def save_sharded(self, path: str, async_group=None):
         if isinstance(self.optimizer, torch.optim.Optimizer) and not hasattr(self.optimizer, "optimizer"):
-            sharded_state.save(path, self.model, self.optimizer)  # ZeRO-0 fp32: the client AdamW itself
-        else:
-            sharded_state.save_zero(path, self.model, self.optimizer)
+            # ZeRO-0 fp32: the client AdamW itself
+            return sharded_state.save(path, self.model, self.optimizer, async_group)
+        return sharded_state.save_zero(path, self.model, self.optimizer, async_group)
 
     def load_sharded(self, path: str) -> None:
         if isinstance(self.optimizer, torch.optim.Optimizer) and not hasattr(self.optimizer, "optimizer"):

@@ -57,10 +57,21 @@ def _entries(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
     return model_sd, optim_sd, flat
 
 
-def save(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def _write(flat: dict[str, Any], path: str, async_group):
+    """dcp.save, or with async_group (a process group, or True in one process) dcp.async_save:
+    the tensors are copied to CPU memory now and written by a background thread; returns its
+    future. The async group is separate so its collectives never interleave with training's."""
+    if async_group is None:
+        dcp.save(flat, checkpoint_id=path)
+        return None
+    pg = async_group if async_group is not True else None
+    return dcp.async_save(flat, checkpoint_id=path, process_group=pg)
+
+
+def save(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, async_group=None):
     """Collective: every rank writes what it owns into directory `path`."""
     _, _, flat = _entries(model, optimizer)
-    dcp.save(flat, checkpoint_id=path)
+    return _write(flat, path, async_group)
 
 
 def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -140,8 +151,8 @@ def _zero_entries(model: torch.nn.Module, optimizer, full: bool) -> dict[str, An
     return flat
 
 
-def save_zero(path: str, model: torch.nn.Module, optimizer) -> None:
-    dcp.save(_zero_entries(model, optimizer, full=True), checkpoint_id=path)
+def save_zero(path: str, model: torch.nn.Module, optimizer, async_group=None):
+    return _write(_zero_entries(model, optimizer, full=True), path, async_group)
 
 
 def load_zero(path: str, model: torch.nn.Module, optimizer) -> None:

@@ -187,6 +187,13 @@ class Trainer:
             verify=cfg.data.verify_shards,
         )
         self.step = 0
+        self._pending_save = None
+        # checkpoint.async_save: DCP's background writer coordinates over its own gloo group.
+        self._async_group = None
+        if cfg.checkpoint.async_save:
+            import torch.distributed as dist
+
+            self._async_group = dist.new_group(backend="gloo") if self.layout.distributed else True
         if resume_state is not None:
             self._load_state(resume_state, resume_meta)
             self.log(f"resumed from {self.resume_path} (step {resume_meta['step']})")
@@ -300,6 +307,10 @@ class Trainer:
     # -- loop --------------------------------------------------------------------------
 
     def save(self) -> str:
+        """Write a checkpoint of this step (collective); returns its final directory. With
+        checkpoint.async_save the files are written in the background and the directory
+        appears when finish_pending_save() runs (at the next save or the end of fit)."""
+        self.finish_pending_save()
         before = (lambda _tmp: _kill_self()) if _fault("kill_in_save", self.step) else None
         config_yaml = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
         L, c = self.layout, self.cfg.checkpoint
@@ -315,9 +326,9 @@ class Trainer:
                 "train_loader": self.train_loader.state_dict(),
             }
 
-            def write(tmp: str) -> None:
-                self.backend.save_sharded(tmp)
+            def write(tmp: str):
                 ckpt.write_rank_file(tmp, ckpt.extra_file(L.rank), extras)
+                return self.backend.save_sharded(tmp, self._async_group)
 
             meta = {
                 "format": 3,
@@ -328,9 +339,24 @@ class Trainer:
                 "config_sha256": hashlib.sha256(config_yaml.encode()).hexdigest(),
                 "code_version": moe_dist.__version__,
             }
-        return ckpt.save_checkpoint(
-            self.ckpt_dir, self.step, write, config_yaml, c.keep_last, before, L, meta, c.keep_every
+        step = self.step  # bound now: an asynchronous save finishes after later steps
+        tmp, future = ckpt.start_save(self.ckpt_dir, step, write, L)
+        finish = lambda: ckpt.finish_save(  # noqa: E731
+            self.ckpt_dir, step, tmp, config_yaml, c.keep_last, before, L, meta, c.keep_every
         )
+        if future is None:
+            return finish()
+        self._pending_save = (future, finish)
+        return os.path.join(self.ckpt_dir, ckpt.step_dir_name(step))
+
+    def finish_pending_save(self) -> None:
+        """Wait for this rank's background write, then make the checkpoint visible (collective)."""
+        if self._pending_save is None:
+            return
+        future, finish = self._pending_save
+        self._pending_save = None
+        future.result()  # re-raises a failed write
+        finish()
 
     def _expert_layout(self) -> dict[str, list[list[int]]]:
         """Per stacked expert tensor, [first global id, rows] on each ep rank (for meta.json)."""
@@ -467,7 +493,8 @@ class Trainer:
                     time.sleep(60)
             if (c.checkpoint.every > 0 and self.step % c.checkpoint.every == 0) or (last and c.checkpoint.save_final):
                 path = self.save()
-                log(f"step {self.step}: saved checkpoint {path}")
+                log(f"step {self.step}: {'saving' if self._pending_save else 'saved'} checkpoint {path}")
+        self.finish_pending_save()
         if progress is not None:
             progress.close()
 
