@@ -87,13 +87,15 @@ def test_resume_at_another_expert_parallel_layout(tmp_path):
                     assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (ep, k, a, b)
 
 
-def test_deepspeed_zero_checkpoint_reshards(tmp_path):
-    """ZeRO-2 on 4 ranks (dp 2 x ep 2: every moment partitioned over 2 ranks) resumes on 2
-    ranks at ep=2 and on one process: the state is saved per parameter and per expert, not
-    as ZeRO's per-rank partitions."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_checkpoint_reshards(stage, tmp_path):
+    """ZeRO on 4 ranks (dp 2 x ep 2: state partitioned over 2 or 4 ranks; ZeRO-3's experts
+    outside the engine) resumes on 2 ranks at ep=2 and on one process (where ZeRO-3 holds
+    the experts itself): the state is saved per parameter and per expert, not as ZeRO's
+    per-rank partitions."""
     # Dropless: with capacity, dp 2 x ep 2 decides drops per ep group (half the batch), a
     # different model from ep=2 on 2 ranks; without drops the layouts compute the same.
-    zero = ["train.backend=deepspeed", "deepspeed.zero_stage=2", "moe.capacity_factor=0"]
+    zero = ["train.backend=deepspeed", f"deepspeed.zero_stage={stage}", "moe.capacity_factor=0"]
     ref = tmp_path / "dp2ep2"
     ok(torchrun(4, ref, *zero, "parallel.ep=2", "train.micro_batch_size=2", "checkpoint.every=6"))
     step6 = ref / "checkpoints" / "step_00000006"

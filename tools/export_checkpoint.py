@@ -34,7 +34,7 @@ def consolidate(path: str) -> dict[str, torch.Tensor]:
 
     meta = verify_checkpoint(path)
     if meta["format"] != 3:
-        raise CheckpointError(f"{path}: format {meta['format']} (DeepSpeed ZeRO-3) cannot be exported; format 3 only")
+        raise CheckpointError(f"{path}: format {meta['format']} (an earlier version's) cannot be exported; format 3 only")
     with tempfile.TemporaryDirectory() as tmp:
         flat_path = os.path.join(tmp, "flat.pt")
         dcp_to_torch_save(path, flat_path)  # the whole DCP state dict, in this one process

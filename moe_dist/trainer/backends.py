@@ -9,7 +9,7 @@ the LR schedule and gradient communication, behind one small interface:
     backend.step() -> norm    reduce, clip, optimizer and scheduler step, zero the grads;
                               returns the global gradient norm before clipping
     backend.lr                learning rate of the step about to be taken
-    backend.state_dict() / load_state_dict(state)   model + optimizer + scheduler
+    backend.save_sharded(path) / load_sharded(path)   model + optimizer (trainer/sharded_state.py)
 
 `torch` (here) reduces dense gradients with DDP and expert gradients by hand (parallel/grads.py); `deepspeed`
 (trainer/deepspeed_backend.py, the only module that imports DeepSpeed) hands the same model
@@ -160,16 +160,7 @@ class TorchBackend:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }
-
-    # Format-3 checkpoints (trainer/sharded_state.py): collective over every rank.
-    sharded_checkpoints = True
-
+    # Checkpoints (trainer/sharded_state.py): collective over every rank.
     def save_sharded(self, path: str, async_group=None):
         return sharded_state.save(path, self.model, self.optimizer, async_group)
 
@@ -177,6 +168,7 @@ class TorchBackend:
         sharded_state.load(path, self.model, self.optimizer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A format-2 checkpoint (one pickle per rank, written before the sharded format)."""
         self.model.load_state_dict(state["model"], strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -1,6 +1,6 @@
 """Checkpoints: a directory per step, written by every rank in parallel, made visible atomically.
 
-Format 3 (torch backend, DeepSpeed ZeRO-0/1/2):
+Format 3 (written by every backend):
     checkpoints/step_00000050/
         .metadata, __R_0.distcp    torch.distributed.checkpoint files: model and optimizer,
                                    every expert keyed by its global id (trainer/sharded_state.py)
@@ -9,8 +9,8 @@ Format 3 (torch backend, DeepSpeed ZeRO-0/1/2):
         meta.json                  format, step, layout (world, ep, dp, expert placement), config
                                    sha256, code version, and the sha256 and size of every file
                                    (written last, by rank 0)
-Format 2 (DeepSpeed ZeRO-3, whose experts live outside the engine):
-    state_rankNNNNN.pt per rank instead of the DCP files and the extras; same layout only.
+Format 2 (written by earlier versions, still read): state_rankNNNNN.pt per rank instead of
+    the DCP files and the extras; same layout only.
 
 Every rank writes into checkpoints/.tmp-step_.../ and fsyncs; after a barrier rank 0
 checksums the files, writes meta.json, renames the directory into place and fsyncs the
@@ -236,7 +236,7 @@ def load_checkpoint(path: str, rank: int = 0, world_size: int = 1, ep: int = 1) 
         if (meta["world_size"], meta["ep"]) != (world_size, ep):
             raise CheckpointError(
                 f"checkpoint {path} was written with world size {meta['world_size']}, ep {meta['ep']}; "
-                f"this run has world size {world_size}, ep {ep}: a format-2 (DeepSpeed ZeRO-3) checkpoint "
+                f"this run has world size {world_size}, ep {ep}: a format-2 checkpoint (from an earlier version) "
                 "resumes on the same layout only"
             )
         return meta, _torch_load(os.path.join(path, own)), read_config(path)

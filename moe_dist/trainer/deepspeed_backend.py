@@ -308,69 +308,28 @@ class DeepSpeedBackend:
 
     # -- state ---------------------------------------------------------------------------
 
+    # Checkpoints (trainer/sharded_state.py): experts by global id, dense state per parameter,
+    # at every ZeRO stage, so they load under any layout.
+
     @property
-    def sharded_checkpoints(self) -> bool:
-        """ZeRO-0/1/2 write format 3 (experts by global id, any layout); ZeRO-3's experts
-        live outside the engine and it writes format 2 (same layout only)."""
-        return self.stage < 3
+    def extra_schedulers(self) -> list:
+        return [self.zero3_experts.scheduler] if self.zero3_experts is not None else []
 
     def save_sharded(self, path: str, async_group=None):
+        if self.stage == 3:
+            return sharded_state.save_zero3(path, self.model, self.optimizer, self.zero3_experts, async_group)
         if isinstance(self.optimizer, torch.optim.Optimizer) and not hasattr(self.optimizer, "optimizer"):
             # ZeRO-0 fp32: the client AdamW itself
             return sharded_state.save(path, self.model, self.optimizer, async_group)
         return sharded_state.save_zero(path, self.model, self.optimizer, async_group)
 
     def load_sharded(self, path: str) -> None:
+        if self.stage == 3:
+            return sharded_state.load_zero3(path, self.model, self.optimizer, self.zero3_experts)
         if isinstance(self.optimizer, torch.optim.Optimizer) and not hasattr(self.optimizer, "optimizer"):
             sharded_state.load(path, self.model, self.optimizer)
         else:
             sharded_state.load_zero(path, self.model, self.optimizer)
-
-    def state_dict(self) -> dict[str, Any]:
-        state = {"scheduler": self.scheduler.state_dict(), "optimizer": self.optimizer.state_dict()}
-        if self.stage == 3:
-            import deepspeed
-
-            # Every rank writes the whole dense model into its file (the ZeRO-3 optimizer state
-            # beside it holds this rank's fp32 partition); sharded saving is DCP's job (docs/backends.md).
-            dense = [p for p in self.model.parameters()]
-            with deepspeed.zero.GatheredParameters(dense, modifier_rank=None):
-                state["model"] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            if self.zero3_experts is not None:
-                state["experts"] = self.zero3_experts.state_dict()
-        else:
-            state["model"] = {k: v for k, v in self.model.state_dict().items() if not k.startswith("_ds_")}
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.stage == 3:
-            import deepspeed
-
-            dense = [p for p in self.model.parameters()]
-            with deepspeed.zero.GatheredParameters(dense, modifier_rank=0):
-                self.model.load_state_dict(state["model"], strict=True)
-            if self.zero3_experts is not None:
-                self.zero3_experts.load_state_dict(state["experts"])
-        else:
-            _load_model(self.model, state["model"])
-        # ZeRO's load_state_dict takes the list of every data-parallel rank's state and reads
-        # this rank's entry; our per-rank checkpoint file holds exactly that entry.
-        if self.stage == 0:
-            self.optimizer.load_state_dict(state["optimizer"])
-        elif self.stage == 3:
-            self.optimizer.load_state_dict([state["optimizer"]] * self.layout.world_size)
-        else:
-            self.optimizer.load_state_dict(
-                [state["optimizer"]] * self.layout.world_size, load_from_fp32_weights=True
-            )
-        self.scheduler.load_state_dict(state["scheduler"])
-
-
-def _load_model(model: torch.nn.Module, sd: dict[str, Any]) -> None:
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith("_ds_")]
-    if missing or unexpected:
-        raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
 
 
 class _Zero3Experts:
@@ -382,6 +341,12 @@ class _Zero3Experts:
         self.optimizer = build_adamw(param_groups(named, cfg.optim.weight_decay), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self._expert_norm = None
+
+    def named_params(self):
+        """(name in the one-process model, parameter) of every hidden expert tensor."""
+        for m, mod in self.hidden.items():
+            for n, p in mod.named_parameters():
+                yield f"{m}.{n}", p
 
     def attach(self, zero3_optimizer) -> None:
         """Make the stage-3 optimizer's gradient norm the global one: its norm groups (dense,
@@ -412,20 +377,3 @@ class _Zero3Experts:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "params": {f"{m}.{n}": p.detach().clone() for m, mod in self.hidden.items() for n, p in mod.named_parameters()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        params = {f"{m}.{n}": p for m, mod in self.hidden.items() for n, p in mod.named_parameters()}
-        if set(params) != set(state["params"]):
-            raise RuntimeError(f"expert parameters differ: {sorted(set(params) ^ set(state['params']))[:5]}")
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(state["params"][k])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])

@@ -181,3 +181,90 @@ def load_zero(path: str, model: torch.nn.Module, optimizer) -> None:
             b.copy_(flat[f"model.{name}"])
         for state in optimizer.optimizer.state.values():
             state["step"].copy_(step) if torch.is_tensor(state["step"]) else state.__setitem__("step", float(step))
+
+
+# -- DeepSpeed ZeRO-3 ----------------------------------------------------------------------
+# Dense parameters: ZeRO-3 partitions; the same safe_get/set_full_* API gathers and scatters
+# them per parameter. Expert shards live outside the engine (deepspeed_backend._Zero3Experts):
+# plain tensors with their own AdamW, written under the same per-expert keys.
+
+
+def _zero3_entries(model: torch.nn.Module, optimizer, experts, full: bool) -> dict[str, Any]:
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    # Stage 3 hands its fp32 partitions to the base AdamW only around a step: do the same.
+    optimizer._set_fp32_optimizer_param_groups()
+    _init_adam_state(optimizer.optimizer)
+    optimizer._clear_fp32_optimizer_param_groups()
+    step = _zero_step(optimizer)
+    stacks = {name: offset for name, (p, offset) in expert_stacks(model).items()}  # ep=1: in the tree
+    flat: dict[str, Any] = {}
+    for name, p in model.named_parameters():  # the experts of ep > 1 are not in the tree
+        shape = tuple(p.ds_shape)
+        values = {"": safe_get_full_fp32_param(p).reshape(shape) if full else torch.empty(shape)}
+        for key in _ADAM_KEYS:
+            values[key] = safe_get_full_optimizer_state(p, key).reshape(shape) if full else torch.empty(shape)
+        for key, t in values.items():
+            base, suffix = (f"model.{name}", "") if key == "" else (f"optim.{name}", f".{key}")
+            if name in stacks:
+                for i in range(shape[0]):
+                    flat[f"{base}@{stacks[name] + i}{suffix}"] = t[i]
+            else:
+                flat[f"{base}{suffix}"] = t
+        if name in stacks:
+            for i in range(shape[0]):
+                flat[f"optim.{name}@{stacks[name] + i}.step"] = step.clone() if full else torch.zeros_like(step)
+        else:
+            flat[f"optim.{name}.step"] = step.clone() if full else torch.zeros_like(step)
+    for name, b in model.named_buffers():
+        flat[f"model.{name}"] = b.detach().clone() if full else torch.empty_like(b)
+    if experts is not None:
+        _init_adam_state(experts.optimizer)
+        for name, p in experts.named_params():
+            offset, state = getattr(p, "_moe_expert_offset", 0), experts.optimizer.state[p]
+            for i in range(p.shape[0]):
+                flat[f"model.{name}@{offset + i}"] = p.detach()[i]
+                for key in _ADAM_KEYS:
+                    flat[f"optim.{name}@{offset + i}.{key}"] = state[key][i]
+                flat[f"optim.{name}@{offset + i}.step"] = state["step"].clone()
+    return flat
+
+
+def save_zero3(path: str, model: torch.nn.Module, optimizer, experts, async_group=None):
+    return _write(_zero3_entries(model, optimizer, experts, full=True), path, async_group)
+
+
+def load_zero3(path: str, model: torch.nn.Module, optimizer, experts) -> None:
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    flat = _zero3_entries(model, optimizer, experts, full=False)
+    dcp.load(flat, checkpoint_id=path)  # the expert entries are views: filled in place
+    stacks = {name: offset for name, (p, offset) in expert_stacks(model).items()}
+
+    def full(base: str, name: str, rows: int, suffix: str = "") -> torch.Tensor:
+        if name not in stacks:
+            return flat[f"{base}{suffix}"]
+        return torch.stack([flat[f"{base}@{stacks[name] + i}{suffix}"] for i in range(rows)])
+
+    step, values = None, {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            rows = p.ds_shape[0] if len(p.ds_shape) else 0
+            values[name] = full(f"model.{name}", name, rows)
+            safe_set_full_fp32_param(p, values[name])
+            for key in _ADAM_KEYS:
+                safe_set_full_optimizer_state(p, full(f"optim.{name}", name, rows, f".{key}"), key)
+            step = flat[f"optim.{name}.step" if name not in stacks else f"optim.{name}@{stacks[name]}.step"]
+        dense = list(model.parameters())
+        with deepspeed.zero.GatheredParameters(dense, modifier_rank=0):  # the working copies
+            for name, p in model.named_parameters():
+                p.data.copy_(values[name].to(p.dtype))
+        for name, b in model.named_buffers():
+            b.copy_(flat[f"model.{name}"])
+        for state in optimizer.optimizer.state.values():
+            state["step"].copy_(step)
+        if experts is not None:
+            for name, p in experts.named_params():
+                offset = getattr(p, "_moe_expert_offset", 0)
+                experts.optimizer.state[p]["step"].copy_(flat[f"optim.{name}@{offset}.step"])

@@ -257,14 +257,6 @@ class Trainer:
             self.log(f"warning: {first}; checkpoint.fallback=true: trying the checkpoint before it")
         return None, None, None, None
 
-    def _state(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            **self.backend.state_dict(),  # model, optimizer, scheduler
-            "rng": _rng_state(),
-            "train_loader": self.train_loader.state_dict(),
-        }
-
     def _global_batch(self) -> int:
         return self.cfg.train.micro_batch_size * self.cfg.train.grad_accum_steps * self.layout.world_size
 
@@ -290,7 +282,8 @@ class Trainer:
         try:
             if meta["format"] == 3:
                 self.backend.load_sharded(self.resume_path)
-                load_scheduler(self.backend.scheduler, state["scheduler"])
+                for scheduler in [self.backend.scheduler, *getattr(self.backend, "extra_schedulers", [])]:
+                    load_scheduler(scheduler, state["scheduler"])
             else:
                 self.backend.load_state_dict(state)
         except (RuntimeError, ValueError, KeyError) as e:
@@ -314,31 +307,26 @@ class Trainer:
         before = (lambda _tmp: _kill_self()) if _fault("kill_in_save", self.step) else None
         config_yaml = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
         L, c = self.layout, self.cfg.checkpoint
-        if not self.backend.sharded_checkpoints:  # ZeRO-3: format 2, same layout
-            state = self._state()
-            write = lambda tmp: ckpt.write_rank_file(tmp, ckpt.state_file(L.rank), state)  # noqa: E731
-            meta = None
-        else:
-            extras = {
-                "step": self.step,
-                "scheduler": self.backend.scheduler.state_dict(),
-                "rng": _rng_state(),
-                "train_loader": self.train_loader.state_dict(),
-            }
+        extras = {
+            "step": self.step,
+            "scheduler": self.backend.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "train_loader": self.train_loader.state_dict(),
+        }
 
-            def write(tmp: str):
-                ckpt.write_rank_file(tmp, ckpt.extra_file(L.rank), extras)
-                return self.backend.save_sharded(tmp, self._async_group)
+        def write(tmp: str):
+            ckpt.write_rank_file(tmp, ckpt.extra_file(L.rank), extras)
+            return self.backend.save_sharded(tmp, self._async_group)
 
-            meta = {
-                "format": 3,
-                "dp": L.dp,
-                "global_batch": self._global_batch(),
-                "rank_split": self.cfg.data.rank_split,
-                "experts": self._expert_layout(),
-                "config_sha256": hashlib.sha256(config_yaml.encode()).hexdigest(),
-                "code_version": moe_dist.__version__,
-            }
+        meta = {
+            "format": 3,
+            "dp": L.dp,
+            "global_batch": self._global_batch(),
+            "rank_split": self.cfg.data.rank_split,
+            "experts": self._expert_layout(),
+            "config_sha256": hashlib.sha256(config_yaml.encode()).hexdigest(),
+            "code_version": moe_dist.__version__,
+        }
         step = self.step  # bound now: an asynchronous save finishes after later steps
         tmp, future = ckpt.start_save(self.ckpt_dir, step, write, L)
         finish = lambda: ckpt.finish_save(  # noqa: E731
