@@ -100,6 +100,15 @@ def test_dp_x_ep_with_accumulation_and_offload(tmp_path):
     assert_close(ref, rows(tmp_path / "z3"))
 
 
+def test_fsdp2_with_unsharded_experts_matches_ddp(tmp_path):
+    """ep=1: FSDP2 leaves the (replicated) expert stacks to our all-reduce, whose flat buffer
+    must list them in the same order on every rank, and counts their norm once."""
+    ok(torchrun(2, tmp_path / "ddp", "train.micro_batch_size=4"))
+    p = ok(torchrun(2, tmp_path / "fsdp", "train.micro_batch_size=4", "train.fsdp=true"))
+    assert "torch: FSDP2 over 2 ranks; dense parameters sharded: 37152 of 49728 elements on rank 0" in p.stdout
+    assert_close(rows(tmp_path / "ddp"), rows(tmp_path / "fsdp"))
+
+
 @pytest.mark.parametrize("backend", ["fsdp2", "zero1", "zero3"])
 def test_exact_resume(backend, tmp_path):
     """Rank 1 dies after step 7 (checkpoint at 6); the resumed run repeats steps 7-10 bit for bit."""

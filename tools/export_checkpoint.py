@@ -54,6 +54,9 @@ def consolidate(path: str) -> dict[str, torch.Tensor]:
         if sorted(by_id) != list(range(len(by_id))):
             raise CheckpointError(f"{path}: experts of {name} are not 0..{len(by_id) - 1}: {sorted(by_id)}")
         out[name] = torch.stack([by_id[g] for g in range(len(by_id))])
+    if "readout.weight" not in out and "embed.weight" in out:
+        # Tied embeddings: the DeepSpeed backends save the shared parameter once.
+        out["readout.weight"] = out["embed.weight"]
     return out
 
 

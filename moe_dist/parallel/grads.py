@@ -83,14 +83,20 @@ def clip_grad_norm(model: torch.nn.Module, layout: ParallelLayout, max_norm: flo
     the world when FSDP2 shards them; expert shards summed over the ep group); scale all
     gradients if it exceeds max_norm (0 = no clip)."""
     dense, expert = _split_params(model)
-    dense_g = [_local(p.grad) for p in dense if p.grad is not None]
+    grads = [p.grad for p in dense if p.grad is not None]
+    # FSDP2 shards (DTensor) are summed over the world; replicated grads (DDP, or the expert
+    # stacks FSDP2 ignores at ep=1) are counted once.
+    sharded_g = [_local(g) for g in grads if hasattr(g, "to_local")]
+    plain_g = [g for g in grads if not hasattr(g, "to_local")]
+    dense_g = sharded_g + plain_g
     expert_g = [p.grad for p in expert if p.grad is not None]
-    sharded = any(hasattr(p.grad, "to_local") for p in dense if p.grad is not None)
     zero = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
-    sq_dense = torch.stack([g.float().square().sum() for g in dense_g]).sum() if dense_g else zero
+    sq_sharded = torch.stack([g.float().square().sum() for g in sharded_g]).sum() if sharded_g else zero
+    sq_plain = torch.stack([g.float().square().sum() for g in plain_g]).sum() if plain_g else zero
     sq_expert = torch.stack([g.float().square().sum() for g in expert_g]).sum() if expert_g else zero
-    if sharded:
-        dist.all_reduce(sq_dense)
+    if sharded_g:
+        dist.all_reduce(sq_sharded)
+    sq_dense = sq_sharded + sq_plain
     if layout.ep > 1:
         dist.all_reduce(sq_expert, group=layout.ep_group)
     norm = (sq_dense + sq_expert).sqrt()

@@ -104,7 +104,8 @@ class TorchBackend:
         L = self.layout
         dense = [p for p in self.model.parameters() if not is_expert_param(p)]
         if self.fsdp:
-            local = sum(p.to_local().numel() for p in dense)
+            # Expert stacks at ep=1 are FSDP2-ignored and replicated: counted whole here.
+            local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in dense)
             text = f"torch: FSDP2 over {L.world_size} ranks; dense parameters sharded: {local} of "
             text += f"{sum(p.numel() for p in dense)} elements on rank {L.rank}"
         else:
@@ -123,8 +124,10 @@ class TorchBackend:
         mesh = init_device_mesh(device.type, (self.layout.world_size,))
         # Every stacked expert tensor stays whole, sharded or not (ep=1), so checkpoints key
         # experts by global id under any backend; unsharded ones are all-reduced in step().
-        ignored = {p for p, _ in expert_stacks(model).values()}
-        self.replicated_stacks = [p for p in ignored if not is_expert_param(p)]
+        stacks = [p for p, _ in expert_stacks(model).values()]
+        ignored = set(stacks)
+        # In module order, never set order: every rank must flatten the same list to all-reduce it.
+        self.replicated_stacks = [p for p in stacks if not is_expert_param(p)]
         for block in model.blocks:
             fully_shard(block, mesh=mesh, ignored_params=ignored)
         fully_shard(model, mesh=mesh, ignored_params=ignored)

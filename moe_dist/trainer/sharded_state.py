@@ -96,6 +96,14 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
+def _persistent_buffers(model: torch.nn.Module):
+    """(name, buffer) as in model.state_dict(): non-persistent buffers (RoPE tables) left out."""
+    for prefix, m in model.named_modules():
+        for name, b in m._buffers.items():
+            if b is not None and name not in m._non_persistent_buffers_set:
+                yield (f"{prefix}.{name}" if prefix else name), b
+
+
 def _init_adam_state(adam: torch.optim.Optimizer) -> None:
     """Create AdamW's (lazily created) state with one step at lr 0 on zero gradients, so a
     checkpoint can be loaded into it before the first real step; values are overwritten."""
@@ -146,7 +154,7 @@ def _zero_entries(model: torch.nn.Module, optimizer, full: bool) -> dict[str, An
                     flat[f"{base}@{stacks[name] + i}{suffix}"] = t[i] if t.ndim > 0 else t.clone()
             else:
                 flat[f"{base}{suffix}"] = t
-    for name, b in model.named_buffers():
+    for name, b in _persistent_buffers(model):
         flat[f"model.{name}"] = b.detach().clone() if full else torch.empty_like(b)
     return flat
 
@@ -177,7 +185,7 @@ def load_zero(path: str, model: torch.nn.Module, optimizer) -> None:
             for key in _ADAM_KEYS:
                 safe_set_full_optimizer_state(p, full(f"optim.{name}", name, rows, f".{key}").to(p.device), key)
             step = flat[f"optim.{name}.step"] if name not in stacks else flat[f"optim.{name}@{stacks[name]}.step"]
-        for name, b in model.named_buffers():
+        for name, b in _persistent_buffers(model):
             b.copy_(flat[f"model.{name}"])
         for state in optimizer.optimizer.state.values():
             state["step"].copy_(step) if torch.is_tensor(state["step"]) else state.__setitem__("step", float(step))
@@ -216,7 +224,7 @@ def _zero3_entries(model: torch.nn.Module, optimizer, experts, full: bool) -> di
                 flat[f"optim.{name}@{stacks[name] + i}.step"] = step.clone() if full else torch.zeros_like(step)
         else:
             flat[f"optim.{name}.step"] = step.clone() if full else torch.zeros_like(step)
-    for name, b in model.named_buffers():
+    for name, b in _persistent_buffers(model):
         flat[f"model.{name}"] = b.detach().clone() if full else torch.empty_like(b)
     if experts is not None:
         _init_adam_state(experts.optimizer)
@@ -260,7 +268,7 @@ def load_zero3(path: str, model: torch.nn.Module, optimizer, experts) -> None:
         with deepspeed.zero.GatheredParameters(dense, modifier_rank=0):  # the working copies
             for name, p in model.named_parameters():
                 p.data.copy_(values[name].to(p.dtype))
-        for name, b in model.named_buffers():
+        for name, b in _persistent_buffers(model):
             b.copy_(flat[f"model.{name}"])
         for state in optimizer.optimizer.state.values():
             state["step"].copy_(step)

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException
 
 import moe_dist
 from moe_dist.config import Config, dump_config
@@ -37,7 +38,8 @@ from moe_dist.trainer.metrics import MetricsLogger
 # Config sections that must match between a checkpoint and the run resuming it.
 _MUST_MATCH = ("model", "moe", "attention")
 _MAY_DIFFER = {"moe.grouped_mm"}  # an implementation choice, not a model change
-# The optimizer state's layout depends on these: a checkpoint resumes only under the same.
+# A checkpoint resumes only under the same backend settings: ZeRO-0 fp32 writes torch-format
+# optimizer state, ZeRO-1/2/3 their own per-parameter keys, and cross-resume is not tested.
 _BACKEND_KEYS = ("train.backend", "deepspeed.zero_stage", "deepspeed.offload_optimizer")
 
 
@@ -193,7 +195,8 @@ class Trainer:
         if cfg.checkpoint.async_save:
             import torch.distributed as dist
 
-            self._async_group = dist.new_group(backend="gloo") if self.layout.distributed else True
+            # One-process DeepSpeed runs have a (one-rank) default group too: keep DCP off it.
+            self._async_group = dist.new_group(backend="gloo") if dist.is_initialized() else True
         if resume_state is not None:
             self._load_state(resume_state, resume_meta)
             self.log(f"resumed from {self.resume_path} (step {resume_meta['step']})")
@@ -233,11 +236,12 @@ class Trainer:
         if resume == "none":
             return None, None, None, None
         if resume != "auto":
-            path = os.path.abspath(os.path.expanduser(resume))
-            return (path, *ckpt.load_checkpoint(path, L.rank, L.world_size, L.ep))
-        steps = ckpt.list_checkpoints(self.ckpt_dir)[::-1]
-        for i, step in enumerate(steps):
-            path = os.path.join(self.ckpt_dir, ckpt.step_dir_name(step))
+            paths = [os.path.abspath(os.path.expanduser(resume))]
+        else:
+            paths = [os.path.join(self.ckpt_dir, ckpt.step_dir_name(s)) for s in ckpt.list_checkpoints(self.ckpt_dir)]
+            paths.reverse()
+        fallback = resume == "auto" and self.cfg.checkpoint.fallback
+        for i, path in enumerate(paths):
             loaded, error = None, None
             try:
                 loaded = ckpt.load_checkpoint(path, L.rank, L.world_size, L.ep)
@@ -252,7 +256,7 @@ class Trainer:
             first = next((f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None), None)
             if first is None:
                 return (path, *loaded)
-            if not self.cfg.checkpoint.fallback or i == len(steps) - 1:
+            if not fallback or i == len(paths) - 1:
                 raise CheckpointError(error or first)
             self.log(f"warning: {first}; checkpoint.fallback=true: trying the checkpoint before it")
         return None, None, None, None
@@ -286,7 +290,8 @@ class Trainer:
                     load_scheduler(scheduler, state["scheduler"])
             else:
                 self.backend.load_state_dict(state)
-        except (RuntimeError, ValueError, KeyError) as e:
+        except (RuntimeError, ValueError, KeyError, CheckpointException) as e:
+            # DCP's CheckpointException (a BaseException) carries a missing key or a shape.
             raise CheckpointError(f"{self.resume_path}: state does not fit this model: {e}") from None
         self.train_loader.load_state_dict(state["train_loader"])
         _set_rng_state(state["rng"])
@@ -349,6 +354,9 @@ class Trainer:
     def _expert_layout(self) -> dict[str, list[list[int]]]:
         """Per stacked expert tensor, [first global id, rows] on each ep rank (for meta.json)."""
         mine = {name: [off, p.shape[0]] for name, (p, off) in expert_stacks(self.model).items()}
+        z3 = getattr(self.backend, "zero3_experts", None)  # ZeRO-3: experts outside the module tree
+        if z3 is not None:
+            mine.update({name: [getattr(p, "_moe_expert_offset", 0), p.shape[0]] for name, p in z3.named_params()})
         if not self.layout.distributed:
             return {name: [v] for name, v in mine.items()}
         import torch.distributed as dist
