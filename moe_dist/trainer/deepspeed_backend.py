@@ -315,21 +315,19 @@ class DeepSpeedBackend:
     def extra_schedulers(self) -> list:
         return [self.zero3_experts.scheduler] if self.zero3_experts is not None else []
 
+    def _client_adamw(self) -> bool:
+        """ZeRO-0 fp32: the engine steps our AdamW itself (no ZeRO wrapper)."""
+        return isinstance(self.optimizer, torch.optim.Optimizer) and not hasattr(self.optimizer, "optimizer")
+
     def save_sharded(self, path: str, async_group=None):
-        if self.stage == 3:
-            return sharded_state.save_zero3(path, self.model, self.optimizer, self.zero3_experts, async_group)
-        if isinstance(self.optimizer, torch.optim.Optimizer) and not hasattr(self.optimizer, "optimizer"):
-            # ZeRO-0 fp32: the client AdamW itself
+        if self._client_adamw():
             return sharded_state.save(path, self.model, self.optimizer, async_group)
-        return sharded_state.save_zero(path, self.model, self.optimizer, async_group)
+        return sharded_state.save_deepspeed(path, self.model, self.optimizer, self.zero3_experts, self.stage == 3, async_group)
 
     def load_sharded(self, path: str) -> None:
-        if self.stage == 3:
-            return sharded_state.load_zero3(path, self.model, self.optimizer, self.zero3_experts)
-        if isinstance(self.optimizer, torch.optim.Optimizer) and not hasattr(self.optimizer, "optimizer"):
-            sharded_state.load(path, self.model, self.optimizer)
-        else:
-            sharded_state.load_zero(path, self.model, self.optimizer)
+        if self._client_adamw():
+            return sharded_state.load(path, self.model, self.optimizer)
+        sharded_state.load_deepspeed(path, self.model, self.optimizer, self.zero3_experts, self.stage == 3)
 
 
 class _Zero3Experts:

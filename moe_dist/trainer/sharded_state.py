@@ -18,6 +18,7 @@ written at ep=4 on 4 ranks loads at ep=2 on 2 ranks or on one process, optimizer
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -27,32 +28,39 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from moe_dist.moe.experts import expert_stacks
 
 
-def _split(out: dict[str, Any], key: str, t: torch.Tensor, offset: int, rows: int) -> None:
-    """Row views t[i] under key@(offset+i); scalars (AdamW's step) are repeated per expert."""
+def _put(flat: dict[str, Any], key: str, suffix: str, t: torch.Tensor, offset, rows: int) -> None:
+    """flat[key + suffix] = t; for a stacked expert tensor (offset = global id of row 0) one
+    entry key@g + suffix per row, as a view; a scalar (AdamW's step) gets a copy per expert."""
+    if offset is None:
+        flat[f"{key}{suffix}"] = t
+        return
     for i in range(rows):
-        out[f"{key}@{offset + i}"] = t[i] if t.ndim > 0 else t
+        flat[f"{key}@{offset + i}{suffix}"] = t[i] if t.ndim > 0 else t.clone()
+
+
+def _take(flat: dict[str, Any], key: str, suffix: str, offset, rows: int) -> torch.Tensor:
+    """The inverse of _put: the entry, or the expert rows stacked back."""
+    if offset is None:
+        return flat[f"{key}{suffix}"]
+    return torch.stack([flat[f"{key}@{offset + i}{suffix}"] for i in range(rows)])
+
+
+def _stack_offsets(model: torch.nn.Module) -> dict[str, int]:
+    return {name: offset for name, (p, offset) in expert_stacks(model).items()}
 
 
 def _entries(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, dict[str, Any]]:
     """(model_sd, optim_sd, flat DCP entries). Entries are views of the state dicts' tensors,
     so a DCP load into the entries fills the state dicts in place."""
     model_sd, optim_sd = get_state_dict(model, optimizer)  # FQN-keyed; initializes AdamW state
-    stacks = {name: (p.shape[0], offset) for name, (p, offset) in expert_stacks(model).items()}
+    stacks = _stack_offsets(model)
+    rows = {name: p.shape[0] for name, (p, _) in expert_stacks(model).items()}
     flat: dict[str, Any] = {}
     for name, t in model_sd.items():
-        if name in stacks:
-            _split(flat, f"model.{name}", t, stacks[name][1], stacks[name][0])
-        else:
-            flat[f"model.{name}"] = t
+        _put(flat, f"model.{name}", "", t, stacks.get(name), rows.get(name, 0))
     for name, state in optim_sd["state"].items():
         for key, t in state.items():
-            if name in stacks:
-                rows, offset = stacks[name]
-                for i in range(rows):
-                    # A scalar step gets its own tensor per expert: DCP fills each separately.
-                    flat[f"optim.{name}@{offset + i}.{key}"] = t[i] if t.ndim > 0 else t.clone()
-            else:
-                flat[f"optim.{name}.{key}"] = t
+            _put(flat, f"optim.{name}", f".{key}", t, stacks.get(name), rows.get(name, 0))
     flat["optim_param_groups"] = optim_sd["param_groups"]
     return model_sd, optim_sd, flat
 
@@ -79,19 +87,21 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     from the checkpoint (another model) is an error from DCP, never a partial load."""
     model_sd, optim_sd, flat = _entries(model, optimizer)
     dcp.load(flat, checkpoint_id=path)
-    stacks = {name: (p.shape[0], offset) for name, (p, offset) in expert_stacks(model).items()}
+    stacks = _stack_offsets(model)
     for name, state in optim_sd["state"].items():
         if name in stacks and "step" in state and state["step"].ndim == 0:
-            state["step"].copy_(flat[f"optim.{name}@{stacks[name][1]}.step"])
+            state["step"].copy_(flat[f"optim.{name}@{stacks[name]}.step"])
     optim_sd["param_groups"] = flat["optim_param_groups"]
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
 
-# -- DeepSpeed ZeRO-1/2 ------------------------------------------------------------------
+# -- DeepSpeed ZeRO-1/2/3 ----------------------------------------------------------------
 # ZeRO keeps fp32 master weights and AdamW moments as flat per-rank partitions. DeepSpeed's
 # safe_get/set_full_* API (deepspeed.utils) gathers and scatters them per parameter, so the
 # same keys as above can be written and read: the checkpoint no longer depends on how ZeRO
-# partitioned the state, and reshards like a torch-backend one.
+# partitioned the state, and reshards like a torch-backend one. Under ZeRO-3 with ep > 1
+# the expert shards live outside the engine (deepspeed_backend._Zero3Experts): plain tensors
+# with their own AdamW, written under the same per-expert keys.
 
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -126,152 +136,78 @@ def _zero_step(optimizer) -> torch.Tensor:
     return next(iter(optimizer.optimizer.state.values()))["step"]
 
 
-def _zero_entries(model: torch.nn.Module, optimizer, full: bool) -> dict[str, Any]:
-    """Flat DCP entries for a ZeRO-1/2 engine's model: gathered values when `full`, else
-    empty tensors of the right shapes to load into (collective when `full`)."""
+def _ds_entries(model: torch.nn.Module, optimizer, experts, stage3: bool, full: bool) -> dict[str, Any]:
+    """Flat DCP entries for a DeepSpeed ZeRO-1/2/3 engine's model, plus ZeRO-3's experts kept
+    outside the engine (`experts`): gathered values when `full` (collective), else empty
+    tensors of the right shapes to load into."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    _init_adam_state(optimizer.optimizer)
-    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+    if stage3:
+        # Stage 3 hands its fp32 partitions to the base AdamW only around a step: do the same.
+        optimizer._set_fp32_optimizer_param_groups()
+        _init_adam_state(optimizer.optimizer)
+        optimizer._clear_fp32_optimizer_param_groups()
+    else:
+        _init_adam_state(optimizer.optimizer)
         # DeepSpeed links each parameter to its AdamW state once, after the FIRST param
         # group's first step, before the other groups have state (their moments are then
         # "not found"): link again now that every group has its state.
         optimizer._hp_optimizer_states_linked = False
         optimizer._lazy_init_hp_params_optimizer_state()
-    stacks = {name: offset for name, (p, offset) in expert_stacks(model).items()}
+    stacks = _stack_offsets(model)  # under ZeRO-3 only ep=1's experts are in the tree
     step = _zero_step(optimizer)
     flat: dict[str, Any] = {}
     for name, p in model.named_parameters():
-        values = {"": safe_get_full_fp32_param(p) if full else torch.empty(p.shape, dtype=torch.float32)}
+        shape = tuple(p.ds_shape) if stage3 else tuple(p.shape)
+        rows, offset = (shape[0] if shape else 0), stacks.get(name)
+        weight = safe_get_full_fp32_param(p).reshape(shape) if full else torch.empty(shape)
+        _put(flat, f"model.{name}", "", weight, offset, rows)
         for key in _ADAM_KEYS:
-            values[key] = safe_get_full_optimizer_state(p, key) if full else torch.empty(p.shape, dtype=torch.float32)
-        values["step"] = step.clone() if full else torch.zeros_like(step)
-        for key, t in values.items():
-            base = f"model.{name}" if key == "" else f"optim.{name}"
-            suffix = "" if key == "" else f".{key}"
-            if name in stacks:
-                for i in range(p.shape[0]):
-                    flat[f"{base}@{stacks[name] + i}{suffix}"] = t[i] if t.ndim > 0 else t.clone()
-            else:
-                flat[f"{base}{suffix}"] = t
-    for name, b in _persistent_buffers(model):
-        flat[f"model.{name}"] = b.detach().clone() if full else torch.empty_like(b)
-    return flat
-
-
-def save_zero(path: str, model: torch.nn.Module, optimizer, async_group=None):
-    return _write(_zero_entries(model, optimizer, full=True), path, async_group)
-
-
-def load_zero(path: str, model: torch.nn.Module, optimizer) -> None:
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    flat = _zero_entries(model, optimizer, full=False)
-    dcp.load(flat, checkpoint_id=path)
-    stacks = {name: offset for name, (p, offset) in expert_stacks(model).items()}
-
-    def full(base: str, name: str, rows: int, suffix: str = "") -> torch.Tensor:
-        if name not in stacks:
-            return flat[f"{base}{suffix}"]
-        return torch.stack([flat[f"{base}@{stacks[name] + i}{suffix}"] for i in range(rows)])
-
-    step = None
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            rows = p.shape[0] if p.ndim else 0
-            value = full(f"model.{name}", name, rows)
-            p.copy_(value.to(p.dtype))  # the module's (possibly bf16) copy
-            safe_set_full_fp32_param(p, value.to(p.device))  # this rank's fp32 master fragment
-            for key in _ADAM_KEYS:
-                safe_set_full_optimizer_state(p, full(f"optim.{name}", name, rows, f".{key}").to(p.device), key)
-            step = flat[f"optim.{name}.step"] if name not in stacks else flat[f"optim.{name}@{stacks[name]}.step"]
-        for name, b in _persistent_buffers(model):
-            b.copy_(flat[f"model.{name}"])
-        for state in optimizer.optimizer.state.values():
-            state["step"].copy_(step) if torch.is_tensor(state["step"]) else state.__setitem__("step", float(step))
-
-
-# -- DeepSpeed ZeRO-3 ----------------------------------------------------------------------
-# Dense parameters: ZeRO-3 partitions; the same safe_get/set_full_* API gathers and scatters
-# them per parameter. Expert shards live outside the engine (deepspeed_backend._Zero3Experts):
-# plain tensors with their own AdamW, written under the same per-expert keys.
-
-
-def _zero3_entries(model: torch.nn.Module, optimizer, experts, full: bool) -> dict[str, Any]:
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    # Stage 3 hands its fp32 partitions to the base AdamW only around a step: do the same.
-    optimizer._set_fp32_optimizer_param_groups()
-    _init_adam_state(optimizer.optimizer)
-    optimizer._clear_fp32_optimizer_param_groups()
-    step = _zero_step(optimizer)
-    stacks = {name: offset for name, (p, offset) in expert_stacks(model).items()}  # ep=1: in the tree
-    flat: dict[str, Any] = {}
-    for name, p in model.named_parameters():  # the experts of ep > 1 are not in the tree
-        shape = tuple(p.ds_shape)
-        values = {"": safe_get_full_fp32_param(p).reshape(shape) if full else torch.empty(shape)}
-        for key in _ADAM_KEYS:
-            values[key] = safe_get_full_optimizer_state(p, key).reshape(shape) if full else torch.empty(shape)
-        for key, t in values.items():
-            base, suffix = (f"model.{name}", "") if key == "" else (f"optim.{name}", f".{key}")
-            if name in stacks:
-                for i in range(shape[0]):
-                    flat[f"{base}@{stacks[name] + i}{suffix}"] = t[i]
-            else:
-                flat[f"{base}{suffix}"] = t
-        if name in stacks:
-            for i in range(shape[0]):
-                flat[f"optim.{name}@{stacks[name] + i}.step"] = step.clone() if full else torch.zeros_like(step)
-        else:
-            flat[f"optim.{name}.step"] = step.clone() if full else torch.zeros_like(step)
+            t = safe_get_full_optimizer_state(p, key).reshape(shape) if full else torch.empty(shape)
+            _put(flat, f"optim.{name}", f".{key}", t, offset, rows)
+        _put(flat, f"optim.{name}", ".step", step.clone() if full else torch.zeros_like(step), offset, rows)
     for name, b in _persistent_buffers(model):
         flat[f"model.{name}"] = b.detach().clone() if full else torch.empty_like(b)
     if experts is not None:
         _init_adam_state(experts.optimizer)
         for name, p in experts.named_params():
             offset, state = getattr(p, "_moe_expert_offset", 0), experts.optimizer.state[p]
-            for i in range(p.shape[0]):
-                flat[f"model.{name}@{offset + i}"] = p.detach()[i]
-                for key in _ADAM_KEYS:
-                    flat[f"optim.{name}@{offset + i}.{key}"] = state[key][i]
-                flat[f"optim.{name}@{offset + i}.step"] = state["step"].clone()
+            _put(flat, f"model.{name}", "", p.detach(), offset, p.shape[0])
+            for key in (*_ADAM_KEYS, "step"):
+                _put(flat, f"optim.{name}", f".{key}", state[key], offset, p.shape[0])
     return flat
 
 
-def save_zero3(path: str, model: torch.nn.Module, optimizer, experts, async_group=None):
-    return _write(_zero3_entries(model, optimizer, experts, full=True), path, async_group)
+def save_deepspeed(path: str, model: torch.nn.Module, optimizer, experts, stage3: bool, async_group=None):
+    return _write(_ds_entries(model, optimizer, experts, stage3, full=True), path, async_group)
 
 
-def load_zero3(path: str, model: torch.nn.Module, optimizer, experts) -> None:
+def load_deepspeed(path: str, model: torch.nn.Module, optimizer, experts, stage3: bool) -> None:
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    flat = _zero3_entries(model, optimizer, experts, full=False)
-    dcp.load(flat, checkpoint_id=path)  # the expert entries are views: filled in place
-    stacks = {name: offset for name, (p, offset) in expert_stacks(model).items()}
-
-    def full(base: str, name: str, rows: int, suffix: str = "") -> torch.Tensor:
-        if name not in stacks:
-            return flat[f"{base}{suffix}"]
-        return torch.stack([flat[f"{base}@{stacks[name] + i}{suffix}"] for i in range(rows)])
-
+    flat = _ds_entries(model, optimizer, experts, stage3, full=False)
+    dcp.load(flat, checkpoint_id=path)  # the experts' entries are views: filled in place
+    stacks = _stack_offsets(model)
     step, values = None, {}
     with torch.no_grad():
         for name, p in model.named_parameters():
-            rows = p.ds_shape[0] if len(p.ds_shape) else 0
-            values[name] = full(f"model.{name}", name, rows)
-            safe_set_full_fp32_param(p, values[name])
+            shape = tuple(p.ds_shape) if stage3 else tuple(p.shape)
+            rows, offset = (shape[0] if shape else 0), stacks.get(name)
+            values[name] = _take(flat, f"model.{name}", "", offset, rows)
+            safe_set_full_fp32_param(p, values[name].to(p.device))  # this rank's fp32 master fragment
             for key in _ADAM_KEYS:
-                safe_set_full_optimizer_state(p, full(f"optim.{name}", name, rows, f".{key}"), key)
-            step = flat[f"optim.{name}.step" if name not in stacks else f"optim.{name}@{stacks[name]}.step"]
-        dense = list(model.parameters())
-        with deepspeed.zero.GatheredParameters(dense, modifier_rank=0):  # the working copies
+                safe_set_full_optimizer_state(p, _take(flat, f"optim.{name}", f".{key}", offset, rows).to(p.device), key)
+            step = flat[f"optim.{name}.step" if offset is None else f"optim.{name}@{offset}.step"]
+        # The module's (possibly bf16) working copies; ZeRO-3 gathers, modifies, re-partitions.
+        gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0) if stage3 else nullcontext()
+        with gather:
             for name, p in model.named_parameters():
                 p.data.copy_(values[name].to(p.dtype))
         for name, b in _persistent_buffers(model):
             b.copy_(flat[f"model.{name}"])
         for state in optimizer.optimizer.state.values():
-            state["step"].copy_(step)
+            state["step"].copy_(step) if torch.is_tensor(state["step"]) else state.__setitem__("step", float(step))
         if experts is not None:
             for name, p in experts.named_params():
                 offset = getattr(p, "_moe_expert_offset", 0)
