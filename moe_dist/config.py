@@ -347,7 +347,14 @@ class LoggingConfig:
     log_every: int = 1
     """Write a metrics.jsonl row and TensorBoard scalars every N steps."""
     moe_stats_every: int = 10
-    """Log per-expert token counts and drop fractions to TensorBoard every N steps."""
+    """Expert-traffic window: every N steps, gather the routing statistics, all-to-all bytes
+    and phase timings of the last N steps (one collective) and log them; 0 = off."""
+    expert_timing: bool = True
+    """Time the forward phases of every routed call (route, dispatch, all-to-all, compute,
+    combine) for the traffic window."""
+    peak_tflops: Optional[float] = None
+    """Peak TFLOP/s of one device for the MFU estimate; null = known GPUs' dense bf16 peak
+    (CPU: no MFU, model TFLOP/s only)."""
     progress: bool = True
     """Show a progress bar (loss, tokens/s, ETA) on stderr."""
     tensorboard: bool = True
@@ -355,7 +362,8 @@ class LoggingConfig:
 
     def validate(self) -> None:
         _require(self.log_every >= 1, "logging.log_every", "must be >= 1")
-        _require(self.moe_stats_every >= 1, "logging.moe_stats_every", "must be >= 1")
+        _require(self.moe_stats_every >= 0, "logging.moe_stats_every", "must be >= 0 (0 = off)")
+        _require(self.peak_tflops is None or self.peak_tflops > 0, "logging.peak_tflops", "must be > 0 or null")
 
 
 @dataclass

@@ -192,9 +192,10 @@ def losses(run_dir):
 
 def test_training_ep2_matches_ep1(tmp_path):
     """Ten steps at ep=2 (2 processes) give the losses of one process on the same global batch."""
-    one = torchrun(1, tmp_path / "ep1", "train.micro_batch_size=8")
+    one = torchrun(1, tmp_path / "ep1", "train.micro_batch_size=8", "logging.moe_stats_every=5")
     assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun(2, tmp_path / "ep2", "train.micro_batch_size=4", "parallel.ep=2", "parallel.attention_experts=sharded")
+    two = torchrun(2, tmp_path / "ep2", "train.micro_batch_size=4", "parallel.ep=2", "parallel.attention_experts=sharded",
+                   "logging.moe_stats_every=5")
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = losses(tmp_path / "ep1"), losses(tmp_path / "ep2")
     assert [r[0] for r in a] == [r[0] for r in b] and len([r for r in a if r[1] is not None]) == 10
@@ -203,10 +204,36 @@ def test_training_ep2_matches_ep1(tmp_path):
             assert (va is None) == (vb is None)
             if va is not None:
                 assert abs(va - vb) <= 1e-5 * max(1.0, abs(va)), (ra, rb)
+    check_traffic(tmp_path / "ep1", tmp_path / "ep2")
     # Both ranks wrote DCP data (each its experts) and their extras.
     assert sorted(os.listdir(tmp_path / "ep2" / "checkpoints" / "step_00000010")) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp", "config.yaml", "extra_rank00000.pt", "extra_rank00001.pt",
         "meta.json"]
+
+
+def check_traffic(ep1, ep2):
+    """The traffic windows of both runs: the same per-expert counts and drops (the global batch
+    is the same); at ep=2 every computed assignment crossed the rank x rank matrix once out
+    (D_in wide) and once back (D_out wide), float32."""
+    from test_traffic import events
+
+    a, b = events(ep1), events(ep2)
+    d, dh = 32, 16  # model.d_model, head_dim
+    widths = {"ffn": (d, d), "attn_src": (d, dh), "attn_dst": (dh, d)}
+    labels = [t.split("/")[1] for t in a.Tags()["histograms"] if t.endswith("/tokens_per_expert")]
+    assert sorted(labels) == [f"L{i:02d}_{n}" for i in range(2) for n in ("attn_dst", "attn_src", "ffn")]
+    assert not [t for t in a.Tags()["histograms"] if t.endswith("a2a_bytes")]  # one process: no traffic
+    for label in labels:
+        ha, hb = (x.Histograms(f"moe/{label}/tokens_per_expert") for x in (a, b))
+        assert [h.step for h in ha] == [h.step for h in hb] == [5, 10]
+        for x, y in zip(ha, hb):
+            assert list(x.histogram_value.bucket) == list(y.histogram_value.bucket), label
+        assert [e.value for e in a.Scalars(f"moe/{label}/dropped")] == [e.value for e in b.Scalars(f"moe/{label}/dropped")]
+        w_in, w_out = widths[label.split("_", 1)[1]]
+        for kept, matrix in zip(hb, b.Histograms(f"moe/{label}/a2a_bytes")):
+            assert len(matrix.histogram_value.bucket) == 4  # 2 x 2 ranks
+            per_step = sum(matrix.histogram_value.bucket)
+            assert per_step * 5 == pytest.approx(sum(kept.histogram_value.bucket) * (w_in + w_out) * 4, rel=1e-12), label
 
 
 def test_torchrun_four_processes_trains_and_resumes(tmp_path):

@@ -37,8 +37,11 @@ def test_tiny_training_loss_falls(tmp_path):
     train_rows = [r for r in rows if "loss" in r]
     eval_rows = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, 61))
-    for key in ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "dropped_frac"):
+    for key in ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s"):
         assert key in train_rows[0]
+    # The expert-traffic window (every 10 steps) adds its summary to those steps' rows.
+    for key in ("dropped_frac", "max_imbalance", "dead_experts", "window_tokens_per_s", "model_tflops"):
+        assert key in train_rows[9] and key not in train_rows[10]
     first = sum(r["lm_loss"] for r in train_rows[:5]) / 5
     last = sum(r["lm_loss"] for r in train_rows[-5:]) / 5
     assert first > math.log(512) - 0.5  # starts near uniform over the 512-token vocabulary
@@ -61,9 +64,10 @@ def test_tiny_training_loss_falls(tmp_path):
     for layer in (0, 1):
         hist = ea.Histograms(f"moe/L{layer:02d}_ffn/tokens_per_expert")
         assert [h.step for h in hist] == [10, 20, 30, 40, 50, 60]
-        # 4 sequences x 32 tokens x top-2 assignments, over the 4 expert buckets
-        assert sum(hist[-1].histogram_value.bucket) == 4 * 32 * 2
-        assert len(ea.Scalars(f"moe/L{layer:02d}_ffn/dropped_frac")) == 6
+        # Computed + dropped = 10 steps x 4 sequences x 32 tokens x top-2, over 4 expert buckets.
+        dropped = ea.Scalars(f"moe/L{layer:02d}_ffn/dropped")
+        assert len(dropped) == 6
+        assert sum(hist[-1].histogram_value.bucket) + dropped[-1].value == 10 * 4 * 32 * 2
 
 
 def run_cli(run_dir, *extra, fault=None, steps=16):

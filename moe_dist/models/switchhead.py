@@ -30,7 +30,7 @@ from moe_dist.moe.balance import BalanceBias
 from moe_dist.moe.dispatch import sort_by_expert
 from moe_dist.moe.layer import router_dtype
 from moe_dist.moe.experts import StackedLinear
-from moe_dist.moe.router import RouterLinear, route_topk
+from moe_dist.moe.router import RouterLinear, entropy_regularizer, route_topk, router_entropy
 from moe_dist.parallel.expert_parallel import ExpertParallel
 
 
@@ -80,6 +80,7 @@ class SwitchHeadAttention(nn.Module):
     def _route(self, gate: nn.Linear, balance: BalanceBias, x_route_TD: torch.Tensor, name: str):
         """Per-head sigmoid top-k. Returns (global expert ids [R, K], weights [R, K], aux)."""
         T, H, E, K = x_route_TD.shape[0], self.n_heads, self.num_experts, self.top_k
+        timer = self.ep.timer(x_route_TD.device)
         dtype = router_dtype(x_route_TD)
         head_R = torch.arange(T * H, device=x_route_TD.device) % H
         with torch.autocast(device_type=x_route_TD.device.type, enabled=False):
@@ -91,10 +92,11 @@ class SwitchHeadAttention(nn.Module):
         global_RK = expert_RK + (head_R * E).unsqueeze(1)
         balance.observe(global_RK)
         ep, G = self.ep, H * E
-        probs_sum = None
+        probs_sum, terms = None, {}
         if self.cfg.entropy_loss_weight > 0:
             # [H, E]: the entropy regulariser balances each head's experts, global batch.
             probs_sum = ep.sum_stats(probs_RE.view(T, H, E).sum(0), grad=True).float()
+            terms["entropy_reg"] = entropy_regularizer(probs_sum, T * ep.world).detach()
         aux = MoEAux(
             name=name,
             group_key=id(self),
@@ -105,7 +107,13 @@ class SwitchHeadAttention(nn.Module):
             probs_sum=probs_sum,
             num_rows=T * ep.world,
             entropy_weight=self.cfg.entropy_loss_weight,
+            router_entropy_sum=router_entropy(probs_RE).detach(),
+            local_rows=T * H,
+            terms=terms,
+            balance_bias=balance.bias if balance.enabled else None,
+            timer=timer,
         )
+        timer.lap("route")
         return global_RK, weight_RK, aux
 
     def _experts(self, rows_MD, global_RK, weight_RK, experts, src_div: int, dst_div: int, n_out: int, aux):
@@ -116,9 +124,12 @@ class SwitchHeadAttention(nn.Module):
         assignment_N, counts_G = sort_by_expert(global_RK.reshape(-1), None, self.n_heads * self.num_experts)
         src_N = torch.div(assignment_N, src_div, rounding_mode="floor")
         dst_N = torch.div(assignment_N, dst_div, rounding_mode="floor")
-        y_NO, aux.sent_bytes = self.ep.run(rows_MD, src_N, counts_G, experts)
+        y_NO, aux.sent_bytes = self.ep.run(rows_MD, src_N, counts_G, experts, aux.timer)
         y_NO = y_NO * weight_RK.reshape(-1)[assignment_N].to(y_NO.dtype).unsqueeze(1)
-        return y_NO.new_zeros(n_out, y_NO.shape[1]).index_add(0, dst_N, y_NO)
+        y_MO = y_NO.new_zeros(n_out, y_NO.shape[1]).index_add(0, dst_N, y_NO)
+        aux.timer.lap("combine")
+        aux.kept_per_expert = counts_G
+        return y_MO
 
     def forward(self, x_BSD: torch.Tensor, x_route_BSD: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[MoEAux]]:
         B, S, D = x_BSD.shape

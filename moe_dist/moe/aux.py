@@ -8,7 +8,7 @@ same `group_key`, and `total_aux_loss` pools the entropy regulariser over each g
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -37,9 +37,31 @@ class MoEAux:
     """Weight of the entropy regulariser for this router."""
     layer: int = -1
     """Depth (0-based application index) of the block that routed; set by the model."""
+    block: int = -1
+    """Index of the block module that routed (MoEUT: repeats of a shared block share it)."""
     sent_bytes: list[int] = field(default_factory=list)
     """Under expert parallelism: bytes this rank sent to each ep rank in this call
     (rows dispatched + expert outputs returned); empty in one process."""
+    # -- traffic statistics (trainer/traffic.py); all detached, none synced to the host --
+    kept_per_expert: Optional[torch.Tensor] = None
+    """[E] assignments of THIS rank's rows that each expert computed (after capacity drops and
+    slice dropout), int64."""
+    skipped: Optional[torch.Tensor] = None
+    """Assignments of this rank's rows not computed because cross-slice dropout zeroed
+    their weight (SliceMoE training only; not a capacity drop), int64 scalar."""
+    capacity: Optional[int] = None
+    """Per-expert capacity of this call (None: dropless)."""
+    router_entropy_sum: Optional[torch.Tensor] = None
+    """Sum over this rank's rows of the entropy (nats) of softmax(router logits)."""
+    local_rows: int = 0
+    """Rows this rank routed (router_entropy_sum's count)."""
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Unweighted auxiliary-loss terms of this call, over the global batch: switch_lb,
+    z_loss, slice_cv2, entropy_reg (the per-call value; the loss pools MoEUT repeats)."""
+    balance_bias: Optional[torch.Tensor] = None
+    """The router's aux-loss-free selection bias [G, E] (a live buffer, not a copy)."""
+    timer: Any = None
+    """PhaseTimer of this call's forward, when the trainer asked for timing."""
 
     @property
     def label(self) -> str:

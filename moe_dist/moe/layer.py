@@ -20,7 +20,14 @@ from moe_dist.moe.aux import MoEAux
 from moe_dist.moe.balance import BalanceBias
 from moe_dist.moe.dispatch import sort_by_expert
 from moe_dist.moe.experts import GroupedExperts, autocast_input
-from moe_dist.moe.router import RouterLinear, route_topk, switch_lb_loss_from_sums
+from moe_dist.moe.router import (
+    RouterLinear,
+    entropy_regularizer,
+    expert_capacity,
+    route_topk,
+    router_entropy,
+    switch_lb_loss_from_sums,
+)
 from moe_dist.parallel.expert_parallel import ExpertParallel
 
 
@@ -68,6 +75,8 @@ class MoEFFN(nn.Module):
             expert_TK, weight_TK, probs_TE = route_topk(logits_TE, K, self.score, bias, exclude)
             keep_TK = self.ep.capacity_mask(expert_TK, E, cfg.capacity_factor)
             aux = routing_aux(self.ep, "ffn", id(self), logits_TE, probs_TE, expert_TK, keep_TK, cfg)
+        if self.balance.enabled:
+            aux.balance_bias = self.balance.bias
         self.balance.observe(expert_TK)
         return expert_TK, weight_TK, keep_TK, aux
 
@@ -75,16 +84,20 @@ class MoEFFN(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         x_route_TD = x_TD if x_route_BSD is None else x_route_BSD.reshape(B * S, D)
+        timer = self.ep.timer(x_TD.device)
         expert_TK, weight_TK, keep_TK, aux = self.route(x_route_TD)
+        timer.lap("route")
         # 1. sort kept assignments by expert  2. expert FFNs (across ranks under ep)
         # 3. scale by routing weight and scatter-add into the tokens
         keep_P = None if self.cfg.dropless else keep_TK.reshape(-1)  # dropless: no mask, no sync
         assignment_N, tokens_per_expert_E = sort_by_expert(expert_TK.reshape(-1), keep_P, self.num_experts)
         token_N = torch.div(assignment_N, self.top_k, rounding_mode="floor")
         # Dispatch in the compute dtype (bf16 under autocast): half the all-to-all bytes.
-        y_ND, aux.sent_bytes = self.ep.run(autocast_input(x_TD), token_N, tokens_per_expert_E, self.experts)
+        y_ND, aux.sent_bytes = self.ep.run(autocast_input(x_TD), token_N, tokens_per_expert_E, self.experts, timer)
         w_N = weight_TK.reshape(-1)[assignment_N].to(y_ND.dtype)
         y_TD = y_ND.new_zeros(B * S, D).index_add(0, token_N, y_ND * w_N.unsqueeze(1))
+        timer.lap("combine")
+        aux.kept_per_expert, aux.timer = tokens_per_expert_E, timer
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD).to(y_TD.dtype)
         return y_TD.view(B, S, D), aux
@@ -108,15 +121,20 @@ def routing_aux(
     counts_E = ep.sum_stats(torch.bincount(expert_TK.reshape(-1), minlength=E))
     rows = T * ep.world  # every rank routes the same number of rows
     loss = logits_TE.new_zeros(())
+    terms: dict[str, torch.Tensor] = {}
     if cfg.lb_loss_weight > 0:
         probs_sum_E = ep.sum_stats(probs_TE.sum(0), grad=True)
-        loss = loss + cfg.lb_loss_weight * switch_lb_loss_from_sums(probs_sum_E, counts_E, rows, K)
+        terms["switch_lb"] = switch_lb_loss_from_sums(probs_sum_E, counts_E, rows, K)
+        loss = loss + cfg.lb_loss_weight * terms["switch_lb"]
     if cfg.z_loss_weight > 0:
-        lse_sq = ep.sum_stats(torch.logsumexp(logits_TE, dim=-1).square().sum(), grad=True)
-        loss = loss + cfg.z_loss_weight * lse_sq / rows
+        terms["z_loss"] = ep.sum_stats(torch.logsumexp(logits_TE, dim=-1).square().sum(), grad=True) / rows
+        loss = loss + cfg.z_loss_weight * terms["z_loss"]
     if extra_loss is not None:
         loss = loss + extra_loss
     entropy = cfg.entropy_loss_weight > 0
+    probs_sum = ep.sum_stats(probs_TE.sum(0), grad=True).float() if entropy else None
+    if entropy:
+        terms["entropy_reg"] = entropy_regularizer(probs_sum, rows)
     return MoEAux(
         name=name,
         group_key=key,
@@ -124,7 +142,11 @@ def routing_aux(
         tokens_per_expert=counts_E.detach(),
         dropped=ep.sum_stats((~keep_TK).sum()).detach(),
         assignments=rows * K,
-        probs_sum=ep.sum_stats(probs_TE.sum(0), grad=True).float() if entropy else None,
+        probs_sum=probs_sum,
         num_rows=rows,
         entropy_weight=cfg.entropy_loss_weight,
+        capacity=expert_capacity(T * ep.size, K, E, cfg.capacity_factor),  # as capacity_mask
+        router_entropy_sum=router_entropy(probs_TE).detach(),
+        local_rows=T,
+        terms={k: v.detach().float() for k, v in terms.items()},
     )

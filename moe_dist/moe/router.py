@@ -123,6 +123,12 @@ def entropy_regularizer(probs_sum_E: torch.Tensor, num_rows: int) -> torch.Tenso
     return torch.sum(p_E * torch.log(p_E.clamp_min(1e-30)))
 
 
+def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of each row's entropy -sum_e p log p (nats): log E for a router that
+    cannot decide, 0 for a certain one. A statistic, not a loss."""
+    return -(probs_TE * torch.log(probs_TE.clamp_min(1e-30))).sum()
+
+
 def cv_squared(load_E: torch.Tensor) -> torch.Tensor:
     """(std / mean)^2 of per-expert loads, population std (SliceMoE's capacity loss)."""
     mean = load_E.mean()

@@ -87,6 +87,7 @@ class SliceMoEFFN(nn.Module):
         x_PDs = x_BSD.reshape(P, self.d_slice)
         route_PDs = x_PDs if x_route_BSD is None else x_route_BSD.reshape(P, self.d_slice)
         dtype = router_dtype(route_PDs)
+        timer = self.ep.timer(x_BSD.device)
         with torch.autocast(device_type=x_BSD.device.type, enabled=False):
             logits_PE = self.router(route_PDs.to(dtype))
             exclude = torch.rand_like(logits_PE) < cfg.expert_dropout if self.training and cfg.expert_dropout > 0 else None
@@ -96,12 +97,17 @@ class SliceMoEFFN(nn.Module):
             # Soft loads over the global batch (autograd through the sum over ranks).
             soft_load_E = torch.zeros(E, dtype=weight_PK.dtype, device=weight_PK.device)
             soft_load_E = self.ep.sum_stats(soft_load_E.index_add(0, expert_PK.reshape(-1), weight_PK.reshape(-1)), grad=True)
-            cap_loss = cfg.slice_cap_loss_weight * cv_squared(soft_load_E)
-            aux = routing_aux(self.ep, "ffn", id(self), logits_PE, probs_PE, expert_PK, keep_PK, cfg, cap_loss)
+            cv2 = cv_squared(soft_load_E)
+            aux = routing_aux(self.ep, "ffn", id(self), logits_PE, probs_PE, expert_PK, keep_PK, cfg, cfg.slice_cap_loss_weight * cv2)
+            aux.terms["slice_cv2"] = cv2.detach().float()
             if self.training and cfg.slice_dropout > 0 and K > 1:
                 weight_PK, slice_drop_PK = cross_slice_dropout(weight_PK, cfg.slice_dropout)
+                aux.skipped = (keep_PK & slice_drop_PK).sum()  # counted, never silent
                 keep_PK = keep_PK & ~slice_drop_PK  # a zero-weight row is not worth computing
+        if self.balance.enabled:
+            aux.balance_bias = self.balance.bias
         self.balance.observe(expert_PK)
+        timer.lap("route")
         # 1. sort kept (token, slice) assignments by expert  2. scale each slice by its
         # weight  3. expert FFNs  4. scatter-add back into the slice's row, slices in order
         assignment_N, tokens_per_expert_E = sort_by_expert(expert_PK.reshape(-1), keep_PK.reshape(-1), E)
@@ -109,6 +115,8 @@ class SliceMoEFFN(nn.Module):
         w_N = weight_PK.reshape(-1)[assignment_N]
         # The weight scales the expert INPUT: gather and scale here (the dispatch buffer).
         x_ND = autocast_input(x_PDs[pair_N] * w_N.to(x_PDs.dtype).unsqueeze(1))  # dispatch in compute dtype
-        y_ND, aux.sent_bytes = self.ep.run(x_ND, None, tokens_per_expert_E, self.experts)
+        y_ND, aux.sent_bytes = self.ep.run(x_ND, None, tokens_per_expert_E, self.experts, timer)
         y_PDs = y_ND.new_zeros(P, self.d_slice).index_add(0, pair_N, y_ND)
+        timer.lap("combine")
+        aux.kept_per_expert, aux.timer = tokens_per_expert_E, timer
         return y_PDs.view(B, S, D), aux

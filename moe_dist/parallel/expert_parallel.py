@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from moe_dist.moe.router import capacity_mask as local_capacity_mask
 from moe_dist.parallel.layout import ParallelLayout, expert_placement
+from moe_dist.parallel.phase_timer import NO_TIMER, PhaseTimer
 
 
 # torch 2.13 renamed all_gather_into_tensor to all_gather_single; the GPU machines run 2.11.
@@ -61,7 +62,13 @@ class ExpertParallel:
         self.rank = self.layout.ep_rank if shard else 0
         self.group = self.layout.ep_group if shard else None
         self.world = self.layout.world_size
+        self.timing = False
+        """Time the phases of every routed call (set by the trainer's traffic monitor)."""
         self._owner_cache: dict[tuple[int, str], torch.Tensor] = {}
+
+    def timer(self, device: torch.device):
+        """A PhaseTimer started now, or a no-op one when timing is off."""
+        return PhaseTimer(device) if self.timing else NO_TIMER
 
     # -- placement -----------------------------------------------------------------------
 
@@ -134,13 +141,18 @@ class ExpertParallel:
         src_N: Optional[torch.Tensor],
         tokens_per_expert_E: torch.Tensor,
         experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        timer=NO_TIMER,
     ) -> tuple[torch.Tensor, list[int]]:
         """Expert outputs for the sorted assignments, [N, D_out], and the bytes this rank sent
         to each ep rank (dispatch + combine; the entry of this rank is its local copy).
-        src_N=None: rows_MD is already the sorted assignment rows."""
+        src_N=None: rows_MD is already the sorted assignment rows. `timer` gets the dispatch,
+        all_to_all, compute and (part of the) combine laps."""
         x_ND = rows_MD if src_N is None else rows_MD[src_N]
         if self.size == 1:
-            return experts(x_ND, tokens_per_expert_E), []
+            timer.lap("dispatch")
+            y_ND = experts(x_ND, tokens_per_expert_E)
+            timer.lap("compute")
+            return y_ND, []
         from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
         P, E = self.size, tokens_per_expert_E.numel()
@@ -160,17 +172,25 @@ class ExpertParallel:
         # NOTE: device-to-host sync: all_to_all split sizes must be Python ints.
         splits = torch.cat([send_rows_P, recv_counts_PE.sum(1)]).tolist()
         send_splits, recv_splits = splits[:P], splits[P:]
+        x_ND = x_ND.contiguous()
+        timer.lap("dispatch")
         # 3. the payload, with autograd.
-        x_RD = wait_tensor(all_to_all_single_autograd(x_ND.contiguous(), recv_splits, send_splits, self.group))
+        x_RD = wait_tensor(all_to_all_single_autograd(x_ND, recv_splits, send_splits, self.group))
+        timer.lap("all_to_all")
         # 4. regroup by local expert: rows arrive as [source 0: e0, e1, ...][source 1: ...].
         label_R = torch.repeat_interleave(
             torch.arange(E_loc, device=x_ND.device).repeat(P), recv_counts, output_size=x_RD.shape[0]
         )
         order_R = torch.sort(label_R, stable=True).indices
-        y_sorted = experts(x_RD[order_R], recv_counts_PE.sum(0))
+        x_sorted = x_RD[order_R]
+        timer.lap("dispatch")
+        y_sorted = experts(x_sorted, recv_counts_PE.sum(0))
+        timer.lap("compute")
         # 6. undo the regrouping, send every row back to its source.
         y_RD = torch.empty_like(y_sorted).index_copy(0, order_R, y_sorted)
-        y_ND = wait_tensor(all_to_all_single_autograd(y_RD.contiguous(), send_splits, recv_splits, self.group))
+        timer.lap("combine")
+        y_ND = wait_tensor(all_to_all_single_autograd(y_RD, send_splits, recv_splits, self.group))
+        timer.lap("all_to_all")
         in_bytes = x_ND.shape[1] * x_ND.element_size()
         out_bytes = y_ND.shape[1] * y_ND.element_size()
         sent = [s * in_bytes + r * out_bytes for s, r in zip(send_splits, recv_splits)]

@@ -11,9 +11,6 @@ import json
 import os
 from typing import Any, Optional
 
-import numpy as np
-
-
 class MetricsLogger:
     def __init__(self, run_dir: str, tensorboard: bool, resume_step: Optional[int]):
         self.path = os.path.join(run_dir, "metrics.jsonl")
@@ -24,6 +21,7 @@ class MetricsLogger:
             self._truncate_after(resume_step)
         self._file = open(self.path, "a")
         self.tb = None
+        self._layout_written = False
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -52,28 +50,18 @@ class MetricsLogger:
                     group = "eval" if key.startswith("val_") else "train"
                     self.tb.add_scalar(f"{group}/{key}", value, step)
 
-    def log_moe(self, step: int, per_call: list[tuple[str, list[int], float]]) -> None:
-        """Per routed call (label like L03_ffn or L03_attn_src): tokens-per-expert histogram,
-        dropped fraction and max/mean load."""
+    def log_traffic(self, window) -> None:
+        """Expert-traffic window (trainer/traffic.py) as TensorBoard scalars, histograms and
+        images; the first window also writes the "Experts" custom-scalars layout."""
         if self.tb is None:
             return
-        for label, counts, dropped in per_call:
-            counts_E = np.asarray(counts, dtype=np.float64)
-            # Histogram over expert ids, weighted by tokens: bucket e holds expert e's count.
-            self.tb.add_histogram_raw(
-                f"moe/{label}/tokens_per_expert",
-                min=0.0,
-                max=float(len(counts_E) - 1),
-                num=int(counts_E.sum()),
-                sum=float((np.arange(len(counts_E)) * counts_E).sum()),
-                sum_squares=float((np.arange(len(counts_E)) ** 2 * counts_E).sum()),
-                bucket_limits=[e + 0.5 for e in range(len(counts_E))],
-                bucket_counts=counts_E.tolist(),
-                global_step=step,
-            )
-            self.tb.add_scalar(f"moe/{label}/dropped_frac", dropped, step)
-            mean = counts_E.mean()
-            self.tb.add_scalar(f"moe/{label}/max_over_mean", float(counts_E.max() / mean) if mean > 0 else 0.0, step)
+        from moe_dist.trainer import traffic_board
+
+        if not self._layout_written:
+            self.tb.add_custom_scalars(traffic_board.experts_layout(window))
+            self._layout_written = True
+        traffic_board.log_window(self.tb, window)
+        self.tb.flush()
 
     def close(self) -> None:
         self._file.close()

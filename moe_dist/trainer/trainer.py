@@ -9,6 +9,7 @@ RNG, so a resumed run computes bit-for-bit the same steps as an uninterrupted on
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -28,12 +29,14 @@ from moe_dist.config import Config, dump_config
 from moe_dist.data.cache import ensure_prepared
 from moe_dist.data.loader import build_loader, data_tokenizer, val_windows
 from moe_dist.errors import CheckpointError, ConfigError, DataError, LaunchError, MoeDistError
+from moe_dist.macs import count as count_macs
 from moe_dist.models.transformer import LM, lm_loss
 from moe_dist.parallel.layout import ParallelLayout, env_from_mpi
 from moe_dist.moe.experts import expert_stacks
 from moe_dist.trainer import checkpoint as ckpt
 from moe_dist.trainer.backends import build_backend, load_scheduler
 from moe_dist.trainer.metrics import MetricsLogger
+from moe_dist.trainer.traffic import TrafficMonitor, peak_tflops, set_timing
 
 # Config sections that must match between a checkpoint and the run resuming it.
 _MUST_MATCH = ("model", "moe", "attention")
@@ -200,12 +203,25 @@ class Trainer:
         if resume_state is not None:
             self._load_state(resume_state, resume_meta)
             self.log(f"resumed from {self.resume_path} (step {resume_meta['step']})")
+        self.traffic = self._traffic_monitor()
         self.metrics = None
         if self.is_main:
             dump_config(cfg, os.path.join(self.run_dir, "config.yaml"))
             self.metrics = MetricsLogger(
                 self.run_dir, cfg.logging.tensorboard, self.step if self.resume_path else None
             )
+
+    def _traffic_monitor(self) -> Optional[TrafficMonitor]:
+        """The expert-traffic window (logging.moe_stats_every), on every rank: it is collective."""
+        c = self.cfg
+        routed = c.model.ffn != "dense" or c.model.attention == "switchhead"
+        if c.logging.moe_stats_every == 0 or not routed:
+            return None
+        set_timing(self.model, c.logging.expert_timing)
+        sized = dataclasses.replace(c, model=dataclasses.replace(c.model, vocab_size=self.vocab_size))
+        # Training FLOPs per token: 2 per MAC forward, twice that backward.
+        flops = 6.0 * count_macs(sized).macs_total
+        return TrafficMonitor(self.layout, self.device, flops, peak_tflops(self.device, c.logging.peak_tflops))
 
     def _prepare_data(self) -> tuple[str, dict]:
         """Rank 0 prepares (or finds) the data; the others wait and read it. An error on
@@ -402,8 +418,6 @@ class Trainer:
         """One optimizer step over grad_accum_steps micro-batches."""
         accum = self.cfg.train.grad_accum_steps
         totals = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0}
-        counts, dropped, assigned, labels = None, None, None, None
-        sent: dict[str, list[int]] = {}
         B, r = self.cfg.train.micro_batch_size, self.layout.rank
         for i, batch in enumerate(batches):
             if self.cfg.data.rank_split == "batch" and self.layout.distributed:
@@ -421,37 +435,13 @@ class Trainer:
             totals["lm_loss"] += stats[0] / accum
             totals["aux_loss"] += stats[1] / accum
             totals["loss"] += stats[2] / accum
-            if out.moe:
-                # One flat tensor per micro-batch, so the statistics cost one host sync.
-                c = torch.cat([a.tokens_per_expert for a in out.moe])
-                d = torch.stack([a.dropped for a in out.moe])
-                counts = c if counts is None else counts + c
-                dropped = d if dropped is None else dropped + d
-                assigned = [a.assignments for a in out.moe] if assigned is None else [
-                    x + a.assignments for x, a in zip(assigned, out.moe)
-                ]
-                labels = [(a.label, a.tokens_per_expert.numel()) for a in out.moe]
-                # Bytes this rank sent to each ep rank, per routed call (host ints already):
-                # kept for the traffic dashboards.
-                for a in out.moe:
-                    if a.sent_bytes:
-                        acc = sent.setdefault(a.label, [0] * len(a.sent_bytes))
-                        sent[a.label] = [x + y for x, y in zip(acc, a.sent_bytes)]
+            if self.traffic is not None:
+                self.traffic.observe(out.moe)  # references only: no sync
         lr = self.backend.lr
         grad_norm = self.backend.step()
         self.model.update_balance_biases()
         self.step += 1
-        self.last_sent_bytes = sent
-        row = {"step": self.step, **totals, "lr": lr, "grad_norm": grad_norm.item()}
-        if counts is not None:
-            dropped_l, flat = dropped.tolist(), counts.tolist()
-            row["dropped_frac"] = sum(dropped_l) / sum(assigned)
-            per_call, start = [], 0
-            for (label, n), d, a in zip(labels, dropped_l, assigned):
-                per_call.append((label, flat[start : start + n], d / a))
-                start += n
-            row["_moe"] = per_call
-        return row
+        return {"step": self.step, **totals, "lr": lr, "grad_norm": grad_norm.item()}
 
     def fit(self) -> None:
         c = self.cfg
@@ -466,13 +456,19 @@ class Trainer:
         while self.step < c.train.max_steps:
             t0 = time.perf_counter()
             row = self.train_step(next(data) for _ in range(c.train.grad_accum_steps))
-            row["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            row["tokens_per_s"] = tokens_per_step / seconds
             row["tokens"] = self.step * tokens_per_step
-            moe = row.pop("_moe", None)
-            if self.metrics is not None and self.step % c.logging.log_every == 0:
+            window = None
+            if self.traffic is not None:
+                self.traffic.end_step(tokens_per_step, seconds)
+                if self.step % c.logging.moe_stats_every == 0:
+                    window = self.traffic.collect(self.step)  # collective, one host sync
+                    row.update(window.summary())
+            if self.metrics is not None and (self.step % c.logging.log_every == 0 or window is not None):
                 self.metrics.log(row)
-            if self.metrics is not None and moe is not None and self.step % c.logging.moe_stats_every == 0:
-                self.metrics.log_moe(self.step, moe)
+            if self.metrics is not None and window is not None:
+                self.metrics.log_traffic(window)
             if progress is not None:
                 progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
                 progress.update(1)
