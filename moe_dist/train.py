@@ -12,6 +12,13 @@ import sys
 
 from moe_dist.errors import MoeDistError
 
+# A distributed trainer is kept alive until os._exit (below). Freed at main()'s return,
+# DDP's Reducer was the last owner of the default gloo group (destroy_process_group had
+# dropped the registry's reference), and ~ProcessGroupGloo joins its worker thread while
+# holding the GIL; a worker still releasing a finished all-reduce's tensors needs the GIL:
+# deadlock (py-spy, dp2 x ep2 on 4 processes: 2 of 4 runs hung after "done").
+_KEEP_ALIVE: list = []
+
 
 def _is_peer_failure(e: RuntimeError) -> bool:
     """A collective that failed because another rank died or hangs (gloo and nccl wording)."""
@@ -60,6 +67,8 @@ def main(argv=None) -> int:
         finally:
             trainer.close()
             destroy(trainer.layout)
+            if trainer.layout.distributed:
+                _KEEP_ALIVE.append(trainer)
     except MoeDistError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -120,8 +120,10 @@ def test_moeut_repeats_and_switchhead(tmp_path):
     run = train(tmp_path / "moeut", "model.n_layers=4", "model.group_size=2", "model.norm=peri",
                 "model.attention=switchhead", "model.ffn=sigma_moe", "moe.capacity_factor=0",
                 "moe.entropy_loss_weight=0.01", "attention.num_experts=3", "attention.entropy_loss_weight=0.001",
-                "train.max_steps=3", "train.grad_accum_steps=1")
+                "train.max_steps=3", "train.grad_accum_steps=1", "logging.peak_tflops=0.5")
     ea = events(run)
+    # A configured peak gives an MFU: model TFLOP/s over it.
+    assert ea.Scalars("perf/mfu")[0].value == pytest.approx(ea.Scalars("perf/model_tflops")[0].value / 0.5)
     labels = sorted({t.split("/")[1] for t in ea.Tags()["histograms"] if t.endswith("tokens_per_expert")})
     assert labels == [f"L{d:02d}_{n}" for d in range(4) for n in ("attn_dst", "attn_src", "ffn")]
     src = ea.Histograms("moe/L00_attn_src/tokens_per_expert")[0].histogram_value.bucket
@@ -131,6 +133,20 @@ def test_moeut_repeats_and_switchhead(tmp_path):
     assert "moe/L03_ffn/capacity_overflow" not in ea.Tags()["scalars"]  # dropless
     titles = [c.title for c in custom_layout(ea).category]
     assert "Experts: shared block 0 (L00_attn_src, L00_attn_dst, L00_ffn, L02_attn_src, L02_attn_dst, L02_ffn)" in titles
+
+
+def test_slice_dropout_skips_are_counted(tmp_path):
+    """SliceMoE's cross-slice dropout removes assignments from compute: they are counted
+    (slice_dropout_frac), so computed + dropped + skipped is still every assignment."""
+    run = train(tmp_path / "slice", "model.ffn=slice_moe", "moe.num_slices=2", "moe.slice_router_hidden=8",
+                "moe.slice_dropout=0.3", "moe.capacity_factor=1.0", "train.max_steps=3", "train.grad_accum_steps=1")
+    ea = events(run)
+    assigned = TOKENS * 2 * 2 * EVERY  # tokens x slices x top-2 x steps
+    kept = sum(ea.Histograms("moe/L00_ffn/tokens_per_expert")[0].histogram_value.bucket)
+    dropped = ea.Scalars("moe/L00_ffn/dropped")[0].value
+    skipped = ea.Scalars("moe/L00_ffn/slice_dropout_frac")[0].value * assigned
+    assert skipped > 0 and dropped > 0
+    assert kept + dropped + round(skipped) == assigned and abs(skipped - round(skipped)) < 1e-3
 
 
 def test_call_stats_by_hand():
