@@ -18,6 +18,7 @@ from dist_utils import free_port
 from moe_dist.config import load_config
 from moe_dist.models.transformer import LM
 from moe_dist.parallel.layout import ParallelLayout
+from moe_dist.trainer.metrics import WALL_CLOCK_FIELDS
 
 # 6 FFN experts and 2 heads x 3 SwitchHead experts: placed 2/2/1/1 at ep=4, 3/3 at ep=2.
 BASE = TINY + [
@@ -27,7 +28,7 @@ BASE = TINY + [
     # Aux-loss-free selection biases move every step: their state must survive too.
     "moe.bias_update_rate=0.01", "attention.bias_update_rate=0.01",
 ]
-SKIP = {"tokens_per_s"}
+SKIP = WALL_CLOCK_FIELDS
 
 
 def torchrun(nproc, run_dir, *overrides, env=None):

@@ -11,6 +11,10 @@ import json
 import os
 from typing import Any, Optional
 
+# Row fields measured with the wall clock: the only ones a resumed run does not repeat bit for bit.
+WALL_CLOCK_FIELDS = frozenset({"tokens_per_s", "window_tokens_per_s", "model_tflops", "mfu"})
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str, tensorboard: bool, resume_step: Optional[int]):
         self.path = os.path.join(run_dir, "metrics.jsonl")

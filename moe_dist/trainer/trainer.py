@@ -459,10 +459,14 @@ class Trainer:
             seconds = time.perf_counter() - t0
             row["tokens_per_s"] = tokens_per_step / seconds
             row["tokens"] = self.step * tokens_per_step
+            last = self.step == c.train.max_steps
+            save_due = (c.checkpoint.every > 0 and self.step % c.checkpoint.every == 0) or (last and c.checkpoint.save_final)
             window = None
             if self.traffic is not None:
                 self.traffic.end_step(tokens_per_step, seconds)
-                if self.step % c.logging.moe_stats_every == 0:
+                # A window also closes at every checkpoint: a run resumed from it then logs
+                # the same windows as an uninterrupted one.
+                if self.step % c.logging.moe_stats_every == 0 or save_due:
                     window = self.traffic.collect(self.step)  # collective, one host sync
                     row.update(window.summary())
             if self.metrics is not None and (self.step % c.logging.log_every == 0 or window is not None):
@@ -472,7 +476,6 @@ class Trainer:
             if progress is not None:
                 progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
                 progress.update(1)
-            last = self.step == c.train.max_steps
             if c.train.eval_every > 0 and (self.step % c.train.eval_every == 0 or last):
                 ev = self.evaluate()
                 if self.metrics is not None:
@@ -483,7 +486,7 @@ class Trainer:
             if _fault("hang_rank", self.step, self.layout.rank):
                 while True:
                     time.sleep(60)
-            if (c.checkpoint.every > 0 and self.step % c.checkpoint.every == 0) or (last and c.checkpoint.save_final):
+            if save_due:
                 path = self.save()
                 log(f"step {self.step}: {'saving' if self._pending_save else 'saved'} checkpoint {path}")
         self.finish_pending_save()
