@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 from moe_dist.errors import MoeDistError
 
@@ -83,7 +84,13 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    rc = main()
+    try:
+        rc = main()
+    except SystemExit as e:  # argparse's usage errors
+        rc = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # a crash: report it, then the same os._exit (see _KEEP_ALIVE)
+        traceback.print_exc()
+        rc = 1
     # A finished run ends here, without the interpreter teardown: DeepSpeed ZeRO-1/2 on CPU
     # (../shared/FACTS.md) and FSDP2 on gloo (measured: 2 of 8 runs) sometimes abort in it
     # ("terminate called without an active exception", exit -6) after all work is done.

@@ -228,7 +228,8 @@ def check_traffic(ep1, ep2):
         assert [h.step for h in ha] == [h.step for h in hb] == [5, 10]
         for x, y in zip(ha, hb):
             assert list(x.histogram_value.bucket) == list(y.histogram_value.bucket), label
-        assert [e.value for e in a.Scalars(f"moe/{label}/dropped")] == [e.value for e in b.Scalars(f"moe/{label}/dropped")]
+        for key in ("dropped", "imbalance") + (("capacity_overflow",) if label.endswith("ffn") else ()):
+            assert [e.value for e in a.Scalars(f"moe/{label}/{key}")] == [e.value for e in b.Scalars(f"moe/{label}/{key}")]
         w_in, w_out = widths[label.split("_", 1)[1]]
         for kept, matrix in zip(hb, b.Histograms(f"moe/{label}/a2a_bytes")):
             assert len(matrix.histogram_value.bucket) == 4  # 2 x 2 ranks

@@ -168,8 +168,9 @@ def test_stats_off_and_bad_interval(tmp_path):
 
 
 def _bytes_worker(rank, world, out_dir):
-    """One MoE layer at ep=2 (5 experts: ranks own 3 and 2), a window through the monitor and
-    the TensorBoard logger; the bytes matrix must equal what the routing implies."""
+    """One MoE layer on 4 ranks = dp 2 x ep 2 (5 experts: the ranks of each ep group own 3
+    and 2), a window through the monitor and the TensorBoard logger; the world x world bytes
+    matrix must equal what the routing implies, zero between ep groups."""
     from moe_dist.config import MoEConfig
     from moe_dist.moe.layer import MoEFFN
     from moe_dist.moe.router import route_topk
@@ -192,17 +193,24 @@ def _bytes_worker(rank, world, out_dir):
     monitor.observe([aux])
     monitor.end_step(18 * world, 0.1)
     window = monitor.collect(step=1)
-    # Expected from the routing alone: each rank's assignments per owner rank (experts 0-2 on
-    # rank 0, 3-4 on rank 1); a row goes out with D floats and comes back with D floats.
+    # Expected from the routing alone: each rank's assignments per owner (experts 0-2 on ep
+    # index 0, 3-4 on ep index 1); a row goes out with D floats and comes back with D floats.
     expert_TK, _, _ = route_topk(layer.router(x.reshape(-1, D)), 2)
     owner = (expert_TK.reshape(-1) >= 3).long()
     mine = torch.bincount(owner, minlength=2)
     every = [torch.zeros(2, dtype=torch.long) for _ in range(world)]
     dist.all_gather(every, mine)
-    want = np.array([[(every[r][j] + every[j][r]).item() * D * 4 for j in range(2)] for r in range(2)], dtype=float)
+    # Ranks 2g and 2g+1 form ep group g; ep index = rank % 2.
+    want = np.array([[(every[r][j % 2] + every[j][r % 2]).item() * D * 4 if r // 2 == j // 2 else 0
+                      for j in range(world)] for r in range(world)], dtype=float)
     got = window.calls[0].bytes_matrix
     assert np.array_equal(got, want), (got, want)
-    assert window.calls[0].ms[:, 2].min() > 0  # both ranks timed their all-to-alls
+    assert window.calls[0].ms[:, 2].min() > 0  # every rank timed its all-to-alls
+    # Capacity compared with world-summed counts: per ep group (36 rows x 2 / 5 experts = 15)
+    # times the 2 groups.
+    from moe_dist.moe.layer import global_capacity
+
+    assert global_capacity(layer.ep, 18, 2, 5, 1.0) == 30
     if rank == 0:
         logger = MetricsLogger(out_dir, tensorboard=True, resume_step=None)
         logger.log_traffic(window)
@@ -211,12 +219,14 @@ def _bytes_worker(rank, world, out_dir):
 
 
 def test_bytes_matrix_matches_routing(tmp_path):
-    run_distributed(_bytes_worker, 2, str(tmp_path))
+    run_distributed(_bytes_worker, 4, str(tmp_path))
     ea = events(tmp_path)
-    got = np.asarray(ea.Histograms("moe/L00_ffn/a2a_bytes")[0].histogram_value.bucket).reshape(2, 2)
+    got = np.asarray(ea.Histograms("moe/L00_ffn/a2a_bytes")[0].histogram_value.bucket).reshape(4, 4)
     want = np.load(tmp_path / "want.npy")
-    assert np.array_equal(got, want) and want[0, 1] > 0 and want[1, 0] > 0
-    assert ea.Scalars("moe/L00_ffn/a2a_bytes_per_step")[0].value == want[0, 1] + want[1, 0]
+    assert np.array_equal(got, want)
+    assert want[0, 1] > 0 and want[1, 0] > 0 and want[2, 3] > 0 and want[3, 2] > 0
+    assert not want[:2, 2:].any() and not want[2:, :2].any()  # nothing crosses ep groups
+    assert ea.Scalars("moe/L00_ffn/a2a_bytes_per_step")[0].value == want.sum() - np.trace(want)
     assert "moe/L00_ffn/a2a_heatmap" in ea.Tags()["images"]
 
 

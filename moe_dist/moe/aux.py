@@ -50,7 +50,7 @@ class MoEAux:
     """Assignments of this rank's rows not computed because cross-slice dropout zeroed
     their weight (SliceMoE training only; not a capacity drop), int64 scalar."""
     capacity: Optional[int] = None
-    """Per-expert capacity of this call (None: dropless)."""
+    """An expert's capacity in this call, summed over the world's ep groups (None: dropless)."""
     router_entropy_sum: Optional[torch.Tensor] = None
     """Sum over this rank's rows of the entropy (nats) of softmax(router logits)."""
     local_rows: int = 0

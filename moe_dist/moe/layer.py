@@ -103,6 +103,13 @@ class MoEFFN(nn.Module):
         return y_TD.view(B, S, D), aux
 
 
+def global_capacity(ep: ExpertParallel, T: int, K: int, E: int, capacity_factor) -> Optional[int]:
+    """An expert's capacity summed over the world's ep groups (capacity_mask applies it per ep
+    group of T * ep.size rows): what counts summed over the world compare against."""
+    per_group = expert_capacity(T * ep.size, K, E, capacity_factor)
+    return None if per_group is None else per_group * (ep.world // ep.size)
+
+
 def routing_aux(
     ep: ExpertParallel,
     name: str,
@@ -132,8 +139,9 @@ def routing_aux(
     if extra_loss is not None:
         loss = loss + extra_loss
     entropy = cfg.entropy_loss_weight > 0
-    probs_sum = ep.sum_stats(probs_TE.sum(0), grad=True).float() if entropy else None
-    if entropy:
+    probs_sum = None
+    if entropy:  # the Switch loss's sum when there is one: one all-reduce, not two
+        probs_sum = (probs_sum_E if cfg.lb_loss_weight > 0 else ep.sum_stats(probs_TE.sum(0), grad=True)).float()
         terms["entropy_reg"] = entropy_regularizer(probs_sum, rows)
     return MoEAux(
         name=name,
@@ -145,7 +153,7 @@ def routing_aux(
         probs_sum=probs_sum,
         num_rows=rows,
         entropy_weight=cfg.entropy_loss_weight,
-        capacity=expert_capacity(T * ep.size, K, E, cfg.capacity_factor),  # as capacity_mask
+        capacity=global_capacity(ep, T, K, E, cfg.capacity_factor),
         router_entropy_sum=router_entropy(probs_TE).detach(),
         local_rows=T,
         terms={k: v.detach().float() for k, v in terms.items()},

@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 # Row fields measured with the wall clock: the only ones a resumed run does not repeat bit for bit.
 WALL_CLOCK_FIELDS = frozenset({"tokens_per_s", "window_tokens_per_s", "model_tflops", "mfu"})
+# Window fields that log_traffic already writes as perf/* scalars: not mirrored under train/.
+_WRITTEN_AS_PERF = frozenset({"window_tokens_per_s", "model_tflops", "mfu"})
 
 
 class MetricsLogger:
@@ -50,7 +52,7 @@ class MetricsLogger:
         if self.tb is not None:
             step = row["step"]
             for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
+                if key != "step" and key not in _WRITTEN_AS_PERF and isinstance(value, (int, float)):
                     group = "eval" if key.startswith("val_") else "train"
                     self.tb.add_scalar(f"{group}/{key}", value, step)
 

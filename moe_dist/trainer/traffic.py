@@ -35,7 +35,11 @@ from moe_dist.parallel.phase_timer import PHASES
 
 # Dense bf16 tensor-core peaks (TFLOP/s per device, no sparsity) for the MFU estimate, from
 # the vendors' data sheets; logging.peak_tflops overrides, and without either (CPU) no MFU.
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "GH200": 989.4, "B200": 2250.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+# Matched by substring of the device name, in this order (the PCIe/NVL parts before SXM).
+PEAK_BF16_TFLOPS = {
+    "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.4, "H200": 989.4, "H800": 989.4,
+    "GH200": 989.4, "B200": 2250.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+}
 
 
 def peak_tflops(device: torch.device, override: Optional[float]) -> Optional[float]:
@@ -64,7 +68,7 @@ class CallStats:
     assignments: int
     """Assignments routed (rows x top-k)."""
     capacity: Optional[int]
-    """Per-expert capacity of one call (None: dropless)."""
+    """An expert's capacity in one call, summed over the world's ep groups (None: dropless)."""
     calls: int
     """Forward calls in the window (steps x micro-batches)."""
     router_entropy: float
@@ -91,7 +95,8 @@ class CallStats:
 
     @property
     def capacity_overflow(self) -> Optional[float]:
-        """The hottest expert's demand over its capacity (>1: it overflowed), mean per call."""
+        """The hottest expert's routed count over its capacity, both summed over the window and
+        the world's ep groups: above 1, it must have dropped tokens."""
         if self.capacity is None:
             return None
         return float(self.routed.max()) / (self.capacity * self.calls)
@@ -215,6 +220,7 @@ class TrafficMonitor:
             # The phase events must have completed before they are read.
             torch.cuda.synchronize(dev)
         segments: list[torch.Tensor] = []
+        host: list[float] = []  # host-side values of every label, copied to the device at once
         for a in accs:
             E = a.experts
             seconds = np.zeros(len(PHASES))
@@ -224,7 +230,7 @@ class TrafficMonitor:
             if a.sent is not None:  # columns are global ranks: this rank's ep group
                 first = L.dp_rank * L.ep
                 sent[first : first + len(a.sent)] = a.sent
-            host = torch.tensor([a.rows, *sent, *seconds], dtype=torch.float64)
+            host += [a.rows, *sent, *seconds]
             segments += [
                 _sum(a.routed, (E,), dev),
                 _sum(a.dropped, (1,), dev),
@@ -234,9 +240,9 @@ class TrafficMonitor:
                 _sum(a.entropy, (1,), dev),
                 # The bias is the same on every rank: packed here so it needs no copy of its own.
                 _sum([] if a.bias is None else [a.bias], (a.bias_numel,), dev),
-                host.to(dev),
             ]
-        local = torch.cat(segments) if segments else torch.zeros(1, dtype=torch.float64, device=dev)
+        host_t = torch.tensor(host or [0.0], dtype=torch.float64)
+        local = torch.cat([*segments, host_t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host_t])
         if L.distributed:
             gathered = torch.empty(W * local.numel(), dtype=torch.float64, device=dev)
             from moe_dist.parallel.expert_parallel import _all_gather_single
@@ -249,11 +255,18 @@ class TrafficMonitor:
         rows_np = rows.cpu().numpy()
         window = TrafficWindow(step=step, steps=self._steps)
         off = 0
+        host_off = rows_np.shape[1] - len(host_t)
 
         def take(n: int) -> np.ndarray:
             nonlocal off
             out = rows_np[:, off : off + n]
             off += n
+            return out
+
+        def take_host(n: int) -> np.ndarray:
+            nonlocal host_off
+            out = rows_np[:, host_off : host_off + n]
+            host_off += n
             return out
 
         for a in accs:
@@ -262,7 +275,7 @@ class TrafficMonitor:
             terms = {k: float(take(1)[0, 0]) / a.calls for k in a.terms}
             kept, skipped, entropy = take(E).sum(0), take(1).sum(), take(1).sum()
             bias = take(a.bias_numel)[0]
-            host = take(1 + W + len(PHASES))
+            host = take_host(1 + W + len(PHASES))
             rows_total = host[:, 0].sum()
             steps = max(self._steps, 1)
             window.calls.append(
