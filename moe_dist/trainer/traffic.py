@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from moe_dist.moe.aux import MoEAux
+from moe_dist.parallel.expert_parallel import _all_gather_single
 from moe_dist.parallel.layout import ParallelLayout
 from moe_dist.parallel.phase_timer import PHASES
 
@@ -245,8 +246,6 @@ class TrafficMonitor:
         local = torch.cat([*segments, host_t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host_t])
         if L.distributed:
             gathered = torch.empty(W * local.numel(), dtype=torch.float64, device=dev)
-            from moe_dist.parallel.expert_parallel import _all_gather_single
-
             _all_gather_single(gathered, local)
             rows = gathered.view(W, -1)
         else:
@@ -275,8 +274,8 @@ class TrafficMonitor:
             terms = {k: float(take(1)[0, 0]) / a.calls for k in a.terms}
             kept, skipped, entropy = take(E).sum(0), take(1).sum(), take(1).sum()
             bias = take(a.bias_numel)[0]
-            host = take_host(1 + W + len(PHASES))
-            rows_total = host[:, 0].sum()
+            per_rank = take_host(1 + W + len(PHASES))  # [world, rows | bytes sent | seconds]
+            rows_total = per_rank[:, 0].sum()
             steps = max(self._steps, 1)
             window.calls.append(
                 CallStats(
@@ -292,8 +291,8 @@ class TrafficMonitor:
                     router_entropy=float(entropy / rows_total) if rows_total else 0.0,
                     terms=terms,
                     bias=None if a.bias_shape is None else bias.reshape(a.bias_shape),
-                    bytes_matrix=host[:, 1 : 1 + W] / steps if a.sent is not None else None,
-                    ms=host[:, 1 + W :] * 1000.0 / steps,
+                    bytes_matrix=per_rank[:, 1 : 1 + W] / steps if a.sent is not None else None,
+                    ms=per_rank[:, 1 + W :] * 1000.0 / steps,
                 )
             )
         if self._seconds > 0:
