@@ -1,0 +1,138 @@
+"""Our MoE layer against DeepSpeed-MoE's layer and a dense FFN of equal active FLOPs.
+
+    python tools/bench_moe_layer.py [--tokens 4096] [--d-model 256] [--d-expert 512] [--experts 8]
+    torchrun --nproc_per_node 2 tools/bench_moe_layer.py          # ep=2 (gloo on CPU, nccl on GPU)
+
+For top-1 and top-2 at capacity factor 1.25, on the same input, in one process group:
+  ours      moe_dist.moe.layer.MoEFFN (sorted dispatch, variable-size all-to-all)
+  deepspeed deepspeed.moe.layer.MoE (GShard einsum dispatch, capacity-padded all-to-all),
+            experts of the same shape (no biases), use_rts=False
+  dense     a GELU FFN of hidden k x d_expert: the same matmul FLOPs per token
+Each is timed forward+backward (median of --iters after --warmup), interleaved round-robin
+so machine noise hits all three alike. Peak memory: torch.cuda.max_memory_allocated on GPU;
+on CPU the peak of live bytes allocated during one forward+backward, from torch.profiler's
+memory events (CPU has no allocator statistics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from moe_dist.config import MoEConfig
+from moe_dist.models.ffn import FFN
+from moe_dist.moe.layer import MoEFFN
+from moe_dist.parallel.expert_parallel import ExpertParallel
+from moe_dist.parallel.layout import ParallelLayout
+
+
+def deepspeed_moe(d: int, d_expert: int, experts: int, k: int, ep: int, cf: float) -> nn.Module:
+    from deepspeed.moe.layer import MoE
+
+    expert = nn.Sequential(nn.Linear(d, d_expert, bias=False), nn.GELU(), nn.Linear(d_expert, d, bias=False))
+    layer = MoE(d, expert, num_experts=experts, ep_size=ep, k=k, capacity_factor=cf, eval_capacity_factor=cf,
+                min_capacity=0, use_rts=False, top2_2nd_expert_sampling=False)
+    if dist.is_initialized():
+        layer.set_deepspeed_parallelism()
+    return layer
+
+
+def cpu_peak_bytes(step) -> int:
+    """Peak live bytes allocated during step(), from the profiler's per-op memory records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--d-expert", type=int, default=512)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    a = p.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    import deepspeed
+
+    if cuda:
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # DeepSpeed needs its comm
+    rank = dist.get_rank()
+    layout = ParallelLayout.build(rank, world, 0, ep=world)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    D, F, E = a.d_model, a.d_expert, a.experts
+    torch.manual_seed(0)
+    x = torch.randn(a.tokens, D, device=device, dtype=dtype)
+    rows = []
+    for k in (1, 2):
+        torch.manual_seed(0)
+        ours = MoEFFN(D, MoEConfig(num_experts=E, top_k=k, d_expert=F, capacity_factor=a.capacity_factor,
+                                   lb_loss_weight=0.01, z_loss_weight=0.0), "gelu", ep=ExpertParallel(layout))
+        ours.reset_parameters(0.02, 0.02)
+        ours.shard_experts()
+        ds = deepspeed_moe(D, F, E, k, world, a.capacity_factor)
+        dense = FFN(D, k * F, "gelu")
+        models = {"ours": ours.to(device, dtype), "deepspeed": ds.to(device, dtype), "dense": dense.to(device, dtype)}
+
+        def step(name):
+            xi = x.detach().requires_grad_()
+            out = models[name](xi.view(1, a.tokens, D) if name == "ours" else xi)
+            y = out[0] if isinstance(out, tuple) else out
+            aux = out[1] if isinstance(out, tuple) else None
+            loss = y.float().square().mean()
+            if name == "ours":
+                loss = loss + aux.loss
+            elif name == "deepspeed":
+                loss = loss + out[1]
+            loss.backward()
+            if cuda:
+                torch.cuda.synchronize()
+
+        times = {n: [] for n in models}
+        for i in range(a.warmup + a.iters):
+            for n in models:
+                dist.barrier()
+                t0 = time.perf_counter()
+                step(n)
+                if i >= a.warmup:
+                    times[n].append(time.perf_counter() - t0)
+        for n in models:
+            dist.barrier()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                step(n)
+                peak = torch.cuda.max_memory_allocated()
+            else:
+                peak = cpu_peak_bytes(lambda: step(n))
+            med = statistics.median(times[n])
+            rows.append((k, n, med * 1000, peak / 2**20))
+    if rank == 0:
+        where = torch.cuda.get_device_name(device) if cuda else "CPU (gloo)"
+        print(f"{where}, world {world} (ep={world}), {a.tokens} tokens/rank, d_model {D}, d_expert {F}, {E} experts, "
+              f"cf {a.capacity_factor}, {dtype}, median of {a.iters}")
+        print(f"{'top-k':<6}{'layer':<11}{'fwd+bwd ms':>11}{'vs ours':>9}{'peak MiB':>10}")
+        for k, n, ms, mib in rows:
+            base = next(r[2] for r in rows if r[0] == k and r[1] == "ours")
+            print(f"{k:<6}{n:<11}{ms:>11.2f}{ms / base:>9.2f}{mib:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
