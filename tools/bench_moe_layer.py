@@ -95,13 +95,12 @@ def main() -> None:
         def step(name):
             xi = x.detach().requires_grad_()
             out = models[name](xi.view(1, a.tokens, D) if name == "ours" else xi)
-            y = out[0] if isinstance(out, tuple) else out
-            aux = out[1] if isinstance(out, tuple) else None
-            loss = y.float().square().mean()
-            if name == "ours":
-                loss = loss + aux.loss
-            elif name == "deepspeed":
-                loss = loss + out[1]
+            if name == "ours":  # (y, MoEAux)
+                loss = out[0].float().square().mean() + out[1].loss
+            elif name == "deepspeed":  # (y, l_aux, expert counts)
+                loss = out[0].float().square().mean() + out[1]
+            else:
+                loss = out.float().square().mean()
             loss.backward()
             if cuda:
                 torch.cuda.synchronize()

@@ -91,11 +91,9 @@ def _plot(out, labels, series, grids, a2a) -> None:
     axes[0].set(title="load imbalance (max/mean)", xlabel="step")
     axes[1].set(title="dropped fraction", xlabel="step")
     axes[0].legend(fontsize=6)
-    width = max(len(g) for g in grids)
-    grid = np.full((len(grids), width), np.nan)
-    for i, g in enumerate(grids):
-        grid[i, : len(g)] = g / g.mean() if g.mean() > 0 else 0.0
-    im = axes[2].imshow(grid, aspect="auto", vmin=0, vmax=2, cmap="viridis", interpolation="nearest")
+    from moe_dist.trainer.traffic_board import load_over_mean
+
+    im = axes[2].imshow(load_over_mean(grids), aspect="auto", vmin=0, vmax=2, cmap="viridis", interpolation="nearest")
     axes[2].set(title="tokens / layer mean, last window", xlabel="expert", yticks=range(len(labels)), yticklabels=labels)
     fig.colorbar(im, ax=axes[2])
     if a2a is not None:

@@ -110,7 +110,7 @@ class SwitchHeadAttention(nn.Module):
             router_entropy_sum=router_entropy(probs_RE).detach(),
             local_rows=T * H,
             terms=terms,
-            balance_bias=balance.bias if balance.enabled else None,
+            balance_bias=balance.live_bias,
             timer=timer,
         )
         timer.lap("route")

@@ -29,6 +29,11 @@ class BalanceBias(nn.Module):
     def enabled(self) -> bool:
         return self.rate > 0
 
+    @property
+    def live_bias(self):
+        """The bias buffer itself when balancing is on (for the traffic statistics), else None."""
+        return self.bias if self.enabled else None
+
     def observe(self, expert_ids: torch.Tensor) -> None:
         """Count the selections of one training forward; ids are group * E + expert."""
         if self.enabled and self.training:

@@ -75,8 +75,7 @@ class MoEFFN(nn.Module):
             expert_TK, weight_TK, probs_TE = route_topk(logits_TE, K, self.score, bias, exclude)
             keep_TK = self.ep.capacity_mask(expert_TK, E, cfg.capacity_factor)
             aux = routing_aux(self.ep, "ffn", id(self), logits_TE, probs_TE, expert_TK, keep_TK, cfg)
-        if self.balance.enabled:
-            aux.balance_bias = self.balance.bias
+        aux.balance_bias = self.balance.live_bias
         self.balance.observe(expert_TK)
         return expert_TK, weight_TK, keep_TK, aux
 

@@ -104,8 +104,7 @@ class SliceMoEFFN(nn.Module):
                 weight_PK, slice_drop_PK = cross_slice_dropout(weight_PK, cfg.slice_dropout)
                 aux.skipped = (keep_PK & slice_drop_PK).sum()  # counted, never silent
                 keep_PK = keep_PK & ~slice_drop_PK  # a zero-weight row is not worth computing
-        if self.balance.enabled:
-            aux.balance_bias = self.balance.bias
+        aux.balance_bias = self.balance.live_bias
         self.balance.observe(expert_PK)
         timer.lap("route")
         # 1. sort kept (token, slice) assignments by expert  2. scale each slice by its

@@ -32,7 +32,7 @@ import torch
 from moe_dist.moe.aux import MoEAux
 from moe_dist.parallel.expert_parallel import _all_gather_single
 from moe_dist.parallel.layout import ParallelLayout
-from moe_dist.parallel.phase_timer import PHASES
+from moe_dist.parallel.phase_timer import PHASES, PhaseTimer
 
 # Dense bf16 tensor-core peaks (TFLOP/s per device, no sparsity) for the MFU estimate, from
 # the vendors' data sheets; logging.peak_tflops overrides, and without either (CPU) no MFU.
@@ -161,9 +161,11 @@ class _Acc:
         self.sent: Optional[list[int]] = None
         self.timers: list = []
         self.bias = aux.balance_bias
-        self.bias_shape = None if aux.balance_bias is None else tuple(aux.balance_bias.shape)
-        self.bias_numel = 0 if aux.balance_bias is None else aux.balance_bias.numel()
         self.experts = aux.tokens_per_expert.numel()
+
+    @property
+    def bias_numel(self) -> int:
+        return 0 if self.bias is None else self.bias.numel()
 
     def add(self, aux: MoEAux) -> None:
         self.calls += 1
@@ -181,7 +183,7 @@ class _Acc:
             self.term_values[k].append(aux.terms[k])
         if aux.sent_bytes:
             self.sent = aux.sent_bytes if self.sent is None else [a + b for a, b in zip(self.sent, aux.sent_bytes)]
-        if aux.timer is not None and hasattr(aux.timer, "resolve"):
+        if isinstance(aux.timer, PhaseTimer):  # not the no-op timer of timing off
             self.timers.append(aux.timer)
         self.bias = aux.balance_bias
 
@@ -255,6 +257,7 @@ class TrafficMonitor:
         window = TrafficWindow(step=step, steps=self._steps)
         off = 0
         host_off = rows_np.shape[1] - len(host_t)
+        steps = max(self._steps, 1)
 
         def take(n: int) -> np.ndarray:
             nonlocal off
@@ -276,7 +279,6 @@ class TrafficMonitor:
             bias = take(a.bias_numel)[0]
             per_rank = take_host(1 + W + len(PHASES))  # [world, rows | bytes sent | seconds]
             rows_total = per_rank[:, 0].sum()
-            steps = max(self._steps, 1)
             window.calls.append(
                 CallStats(
                     label=a.label,
@@ -290,7 +292,7 @@ class TrafficMonitor:
                     calls=a.calls,
                     router_entropy=float(entropy / rows_total) if rows_total else 0.0,
                     terms=terms,
-                    bias=None if a.bias_shape is None else bias.reshape(a.bias_shape),
+                    bias=None if a.bias is None else bias.reshape(a.bias.shape),
                     bytes_matrix=per_rank[:, 1 : 1 + W] / steps if a.sent is not None else None,
                     ms=per_rank[:, 1 + W :] * 1000.0 / steps,
                 )

@@ -54,6 +54,16 @@ def heatmap_rgb(values: np.ndarray, vmax: Optional[float] = None, cell: int = 8)
     return np.kron(rgb, np.ones((cell, cell, 1))).astype(np.uint8)
 
 
+def load_over_mean(counts: list[np.ndarray]) -> np.ndarray:
+    """[layers, max E]: each layer's per-expert counts over that layer's mean (NaN-padded where
+    a layer has fewer experts): the layer x expert heatmap, shared by tools/traffic_report.py."""
+    grid = np.full((len(counts), max(len(c) for c in counts)), np.nan)
+    for i, c in enumerate(counts):
+        mean = c.mean()
+        grid[i, : len(c)] = c / mean if mean > 0 else 0.0
+    return grid
+
+
 def _cell(n: int) -> int:
     return max(2, min(16, 256 // max(n, 1)))
 
@@ -108,13 +118,9 @@ def log_window(tb, w: TrafficWindow) -> None:
             n = c.bytes_matrix.shape[0]
             tb.add_image(f"{base}/a2a_heatmap", heatmap_rgb(c.bytes_matrix, cell=_cell(n)), step, dataformats="HWC")
     if w.calls:
-        width = max(len(c.kept) for c in w.calls)
-        grid = np.full((len(w.calls), width), np.nan)
-        for i, c in enumerate(w.calls):
-            mean = c.kept.mean()
-            grid[i, : len(c.kept)] = c.kept / mean if mean > 0 else 0.0
+        grid = load_over_mean([c.kept for c in w.calls])
         # Colour = load / mean load of the layer, 0..2 (balanced experts sit mid-scale).
-        tb.add_image("moe/tokens_heatmap", heatmap_rgb(grid, vmax=2.0, cell=_cell(width)), step, dataformats="HWC")
+        tb.add_image("moe/tokens_heatmap", heatmap_rgb(grid, vmax=2.0, cell=_cell(grid.shape[1])), step, dataformats="HWC")
     if w.tokens_per_s:
         tb.add_scalar("perf/tokens_per_s", w.tokens_per_s, step)
         tb.add_scalar("perf/model_tflops", w.model_tflops, step)
