@@ -28,13 +28,19 @@ class Counts:
     params_total: int
     params_active: int
     macs: "OrderedDict[str, int]"
-    """Per token, per component: attention_proj, attention_scores, router, ffn, readout."""
+    """Per token, per component: attention_proj, attention_scores, attention_gates (SwitchHead's
+    source and destination gates), router (FFN routers), ffn, readout."""
     attention_matrix: int
     """Attention-matrix elements per sequence per layer (H * T * T): SwitchHead's memory claim."""
 
     @property
     def macs_total(self) -> int:
         return sum(self.macs.values())
+
+    @property
+    def macs_attention(self) -> int:
+        """Everything attention computes per token: projections, scores, SwitchHead gates."""
+        return self.macs["attention_proj"] + self.macs["attention_scores"] + self.macs["attention_gates"]
 
 
 def vocab_size(cfg: Config) -> int:
@@ -57,7 +63,7 @@ def count(cfg: Config, context: int | None = None) -> Counts:
     V = vocab_size(cfg)
     distinct = m.group_size or m.n_layers
     repeats = m.n_layers // distinct
-    macs = OrderedDict((k, 0) for k in ("attention_proj", "attention_scores", "router", "ffn", "readout"))
+    macs = OrderedDict((k, 0) for k in ("attention_proj", "attention_scores", "attention_gates", "router", "ffn", "readout"))
     total = active = 0
 
     # Embedding, readout and final norm.
@@ -82,7 +88,7 @@ def count(cfg: Config, context: int | None = None) -> Counts:
             total += qk + gates + experts
             active += qk + gates + experts * k // E
             macs["attention_proj"] += repeats * (qk + 2 * H * k * D * Dh)
-            macs["router"] += repeats * gates
+            macs["attention_gates"] += repeats * gates
         else:
             total += qk + 2 * D * H * Dh
             active += qk + 2 * D * H * Dh

@@ -75,15 +75,17 @@ def test_counts_sum_to_assignments_minus_drops(moe_run):
 def test_window_scalars_images_and_layout(moe_run):
     ea = events(moe_run)
     scalars = set(ea.Tags()["scalars"])
-    for key in ("imbalance", "capacity_overflow", "router_entropy", "usage_perplexity", "dead_experts",
-                "aux/switch_lb", "aux/z_loss", "bias_spread", "time_ms/compute", "time_ms_max/dispatch"):
+    for key in ("imbalance", "capacity_overflow", "router_entropy", "usage_perplexity", "load_entropy",
+                "dead_experts", "aux/switch_lb", "aux/z_loss", "bias_spread", "time_ms/compute", "time_ms_max/dispatch"):
         assert f"moe/L00_ffn/{key}" in scalars, key
     for tag in ("perf/tokens_per_s", "perf/model_tflops"):
         assert len(ea.Scalars(tag)) == 2
     assert "perf/mfu" not in scalars  # CPU: no known peak, no made-up MFU
     entropy = ea.Scalars("moe/L00_ffn/router_entropy")[0].value
     assert 0 < entropy <= math.log(4) + 1e-6
-    assert 1 <= ea.Scalars("moe/L00_ffn/usage_perplexity")[0].value <= 4
+    perplexity = ea.Scalars("moe/L00_ffn/usage_perplexity")[0].value
+    assert 1 <= perplexity <= 4
+    assert ea.Scalars("moe/L00_ffn/load_entropy")[0].value == pytest.approx(math.log(perplexity) / math.log(4), rel=1e-5)
     assert ea.Scalars("moe/L00_ffn/time_ms/compute")[0].value > 0
     assert ea.Scalars("moe/L00_ffn/time_ms/all_to_all")[0].value == 0  # one process: no all-to-all
     # Aux-loss-free bias after 3 and 6 updates of +-0.01: a multiple of 0.01 (here it
@@ -158,6 +160,8 @@ def test_call_stats_by_hand():
     assert c.dropped_frac == 0.25
     assert c.capacity_overflow == 1.5  # 3 routed to the hottest over 2 calls of capacity 1
     assert c.usage_perplexity == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
+    assert c.load_entropy == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)) / math.log(4))
+    assert c.kind == "ffn"
 
 
 def test_stats_off_and_bad_interval(tmp_path):

@@ -41,8 +41,10 @@ def test_tiny_training_loss_falls(tmp_path):
     for key in ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s"):
         assert key in train_rows[0]
     # The expert-traffic window (every 10 steps) adds its summary to those steps' rows.
-    for key in ("dropped_frac", "max_imbalance", "dead_experts", "window_tokens_per_s", "model_tflops"):
+    for key in ("dropped_frac", "max_imbalance", "dead_experts", "window_tokens_per_s", "model_tflops",
+                "load_entropy_ffn"):
         assert key in train_rows[9] and key not in train_rows[10]
+    assert 0 < train_rows[9]["load_entropy_ffn"] <= 1 and "load_entropy_attn" not in train_rows[9]
     first = sum(r["lm_loss"] for r in train_rows[:5]) / 5
     last = sum(r["lm_loss"] for r in train_rows[-5:]) / 5
     assert first > math.log(512) - 0.5  # starts near uniform over the 512-token vocabulary

@@ -113,6 +113,18 @@ class CallStats:
         return float(math.exp(-(p * np.log(p)).sum()))
 
     @property
+    def load_entropy(self) -> float:
+        """Entropy of the routed-count distribution over log(E), in [0, 1]: 1 at perfect
+        balance. SliceMoE's paper reports this "normalised expert-load entropy"."""
+        E = len(self.routed)
+        return math.log(self.usage_perplexity) / math.log(E) if E > 1 and self.routed.sum() > 0 else 0.0
+
+    @property
+    def kind(self) -> str:
+        """'ffn' or 'attn' (SwitchHead's value and output routers)."""
+        return "attn" if "_attn_" in self.label else "ffn"
+
+    @property
     def dead_experts(self) -> int:
         """Experts chosen by no assignment in the whole window."""
         return int((self.routed == 0).sum())
@@ -140,6 +152,10 @@ class TrafficWindow:
             "window_tokens_per_s": self.tokens_per_s,
             "model_tflops": self.model_tflops,
         }
+        for kind in ("ffn", "attn"):
+            ent = [c.load_entropy for c in self.calls if c.kind == kind]
+            if ent:
+                out[f"load_entropy_{kind}"] = float(np.mean(ent))
         if self.mfu is not None:
             out["mfu"] = self.mfu
         return out

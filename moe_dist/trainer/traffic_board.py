@@ -7,7 +7,8 @@ Tags (per routed call label, e.g. L03_ffn):
   moe/<label>/a2a_heatmap         image of that rank x rank matrix
   moe/<label>/bias                histogram of the aux-loss-free selection biases
   moe/<label>/<scalar>            imbalance, dropped_frac, dropped, capacity_overflow,
-                                  router_entropy, usage_perplexity, dead_experts,
+                                  router_entropy, usage_perplexity, load_entropy,
+                                  dead_experts,
                                   slice_dropout_frac, bias_spread, a2a_bytes_per_step,
                                   aux/<term>, time_ms/<phase>, time_ms_max/<phase>
   moe/tokens_heatmap              image, one row per label, one column per expert
@@ -36,6 +37,7 @@ SCALARS = (
     ("capacity_overflow", "hottest expert demand / capacity"),
     ("router_entropy", "router entropy (nats per row)"),
     ("usage_perplexity", "expert usage perplexity"),
+    ("load_entropy", "normalised expert-load entropy"),
     ("dead_experts", "dead experts (no tokens in window)"),
     ("bias_spread", "aux-loss-free bias max - min"),
     ("a2a_bytes_per_step", "all-to-all bytes per step (off-rank)"),
@@ -86,6 +88,7 @@ def call_scalars(c: CallStats) -> dict[str, float]:
         "dropped": float(c.dropped),
         "router_entropy": c.router_entropy,
         "usage_perplexity": c.usage_perplexity,
+        "load_entropy": c.load_entropy,
         "dead_experts": float(c.dead_experts),
     }
     if c.capacity_overflow is not None:
