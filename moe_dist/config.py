@@ -71,10 +71,20 @@ class ModelConfig:
     """Dropout on attention output, FFN output and embeddings."""
     tie_embeddings: bool = True
     """Share the token-embedding matrix with the readout."""
+    init: Optional[Literal["scaled_normal", "fan_in"]] = None
+    """Weight init (models/init.py): scaled_normal = N(0, init_std), residual output
+    projections init_std/sqrt(2*n_layers) (GPT-2); fan_in = every block matrix
+    N(0, sqrt(2/n_layers)/sqrt(fan_in)) (the MoEUT authors'), embeddings N(0, init_std).
+    null = fan_in under norm=peri (whose residual path is never normalised), scaled_normal
+    otherwise."""
     init_std: float = 0.02
-    """Std of the normal init; residual output projections get init_std/sqrt(2*n_layers)."""
+    """Std of the embeddings, and of the scaled_normal init."""
     norm_eps: float = 1e-5
     """LayerNorm epsilon."""
+
+    @property
+    def init_scheme(self) -> str:
+        return self.init or ("fan_in" if self.norm == "peri" else "scaled_normal")
 
     def validate(self) -> None:
         _require(self.vocab_size is None or self.vocab_size >= 2, "model.vocab_size", ">= 2")

@@ -231,6 +231,30 @@ def test_peri_layernorm_normalises_only_router_and_qk_inputs():
     assert seen["ffn"][0] is seen["ffn"][1]
 
 
+def test_init_is_fan_in_under_peri_layernorm_and_scaled_normal_under_pre():
+    wide = ["model.d_model=64", "model.head_dim=32", "moe.num_experts=16", "moe.d_expert=32"]
+    gain = math.sqrt(2 / 4)  # sqrt(2 / applied depth)
+    torch.manual_seed(0)
+    block = LM(moeut_cfg(wide), 50).blocks[0]
+    expected = {  # std = gain / sqrt(fan_in)
+        "router": (block.ffn.router.weight, gain / 8),
+        "expert in": (block.ffn.experts.w_in_EDH, gain / 8),
+        "expert out": (block.ffn.experts.w_out_EFD, gain / math.sqrt(16 * 32)),  # all experts' width
+        "qk": (block.attn.qk.qk.weight, gain / 8),
+        "gate": (block.attn.gate_src.weight, gain / 8),
+        "value experts": (block.attn.experts_v.w_GIO, gain / 8),
+        "output experts": (block.attn.experts_o.w_GIO, gain / math.sqrt(2 * 32)),  # H heads x Dh
+    }
+    for name, (w, std) in expected.items():
+        assert w.std().item() == pytest.approx(std, rel=0.1), name
+    for extra in (["model.norm=pre"], ["model.init=scaled_normal"]):
+        lm = LM(moeut_cfg(wide + extra), 50)
+        assert lm.cfg.model.init_scheme == "scaled_normal"
+        assert lm.blocks[0].ffn.experts.w_in_EDH.std().item() == pytest.approx(0.02, rel=0.1)
+        assert lm.blocks[0].ffn.experts.w_out_EFD.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.1)
+    assert LM(moeut_cfg(wide), 50).embed.weight.std().item() == pytest.approx(0.02, rel=0.1)  # tied: see models/init.py
+
+
 # ----------------------------------------------------------------------------- SliceMoE
 
 

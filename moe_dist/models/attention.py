@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe_dist.models.init import normal_
+
 
 def rope_tables(seq_len: int, head_dim: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [S, Dh/2] (float32)."""
@@ -64,10 +66,11 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(n_heads * head_dim, d_model, bias=False)
         self.dropout = dropout
 
-    def reset_parameters(self, std: float, std_out: float) -> None:
-        nn.init.normal_(self.qk.qk.weight, std=std)
-        nn.init.normal_(self.v.weight, std=std)
-        nn.init.normal_(self.out.weight, std=std_out)
+    def reset_parameters(self, std: float, std_out: float, gain: Optional[float] = None) -> None:
+        D = self.v.weight.shape[1]
+        normal_(self.qk.qk.weight, std, gain, D)
+        normal_(self.v.weight, std, gain, D)
+        normal_(self.out.weight, std_out, gain, self.n_heads * self.head_dim)
 
     def forward(self, x_BSD: torch.Tensor, x_route_BSD: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape

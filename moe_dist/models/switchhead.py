@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from moe_dist.config import AttentionConfig
 from moe_dist.models.attention import RotaryQK
+from moe_dist.models.init import normal_
 from moe_dist.moe.aux import MoEAux
 from moe_dist.moe.balance import BalanceBias
 from moe_dist.moe.dispatch import sort_by_expert
@@ -65,10 +66,12 @@ class SwitchHeadAttention(nn.Module):
         self.balance_src = BalanceBias(E, cfg.bias_update_rate, groups=H)
         self.balance_dst = BalanceBias(E, cfg.bias_update_rate, groups=H)
 
-    def reset_parameters(self, std: float, std_out: float) -> None:
+    def reset_parameters(self, std: float, std_out: float, gain: Optional[float] = None) -> None:
+        D = self.gate_src.weight.shape[1]
         for w in (self.qk.qk.weight, self.gate_src.weight, self.gate_dst.weight, self.experts_v.w_GIO):
-            nn.init.normal_(w, std=std)
-        nn.init.normal_(self.experts_o.w_GIO, std=std_out)
+            normal_(w, std, gain, D)
+        # fan-in of the output side: the H heads' outputs are summed, as in MHA's H*Dh.
+        normal_(self.experts_o.w_GIO, std_out, gain, self.n_heads * self.head_dim)
 
     def shard_experts(self) -> None:
         """Keep only this rank's V and O experts (expert-parallel placement)."""

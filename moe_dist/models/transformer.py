@@ -134,18 +134,20 @@ class LM(nn.Module):
                 module.shard_experts()
 
     def reset_parameters(self) -> None:
-        std = self.cfg.model.init_std
-        # GPT-2: projections that write into the residual stream are scaled by 1/sqrt(2L),
-        # L the applied depth (a shared block writes n_layers/G times).
-        std_out = std / math.sqrt(2 * self.cfg.model.n_layers)
+        """model.init (models/init.py). Depth L is the applied depth: a shared block writes
+        into the residual stream n_layers/G times."""
+        m = self.cfg.model
+        L = m.n_layers
+        std, std_out = m.init_std, m.init_std / math.sqrt(2 * L)
+        gain = math.sqrt(2.0 / L) if m.init_scheme == "fan_in" else None
         nn.init.normal_(self.embed.weight, std=std)
         if self.pos is not None:
             nn.init.normal_(self.pos.weight, std=std)
-        if not self.cfg.model.tie_embeddings:
+        if not m.tie_embeddings:
             nn.init.normal_(self.readout.weight, std=std)
         for block in self.blocks:
-            block.attn.reset_parameters(std, std_out)
-            block.ffn.reset_parameters(std, std_out)
+            block.attn.reset_parameters(std, std_out, gain)
+            block.ffn.reset_parameters(std, std_out, gain)
 
     def forward(self, idx_BS: torch.Tensor) -> LMOutput:
         B, S = idx_BS.shape

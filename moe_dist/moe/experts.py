@@ -12,9 +12,12 @@ reduced over the expert-data-parallel group only (parallel/grads.py).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
+from moe_dist.models.init import normal_
 from moe_dist.ops.activations import activation, hidden_multiplier
 from moe_dist.ops.grouped_mm import grouped_mm
 
@@ -64,9 +67,11 @@ class GroupedExperts(nn.Module):
         self.b_in_EH = nn.Parameter(torch.zeros(num_experts, H)) if bias else None
         self.b_out_ED = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
 
-    def reset_parameters(self, std_in: float, std_out: float) -> None:
-        nn.init.normal_(self.w_in_EDH, std=std_in)
-        nn.init.normal_(self.w_out_EFD, std=std_out)
+    def reset_parameters(self, std_in: float, std_out: float, gain: Optional[float] = None) -> None:
+        normal_(self.w_in_EDH, std_in, gain, self.d_model)
+        # fan_in: the output side's fan-in is every expert's width, E * F, as in the MoEUT
+        # authors' sigma-MoE (the k selected outputs are summed with sigmoid weights <= 1).
+        normal_(self.w_out_EFD, std_out, gain, self.num_experts * self.d_expert)
         if self.b_in_EH is not None:
             nn.init.zeros_(self.b_in_EH)
             nn.init.zeros_(self.b_out_ED)

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from moe_dist.config import MoEConfig
 from moe_dist.models.ffn import FFN
+from moe_dist.models.init import normal_
 from moe_dist.moe.aux import MoEAux
 from moe_dist.moe.balance import BalanceBias
 from moe_dist.moe.dispatch import sort_by_expert
@@ -49,12 +50,12 @@ class MoEFFN(nn.Module):
         if cfg.num_shared_experts > 0:
             self.shared = FFN(d_model, cfg.num_shared_experts * cfg.d_expert, act)
 
-    def reset_parameters(self, std: float, std_out: float) -> None:
-        nn.init.normal_(self.router.weight, std=std)
+    def reset_parameters(self, std: float, std_out: float, gain: Optional[float] = None) -> None:
+        normal_(self.router.weight, std, gain, self.router.weight.shape[1])
         scale = self.cfg.expert_init_scale
-        self.experts.reset_parameters(std * scale, std_out * scale)
+        self.experts.reset_parameters(std * scale, std_out * scale, None if gain is None else gain * scale)
         if self.shared is not None:
-            self.shared.reset_parameters(std, std_out)
+            self.shared.reset_parameters(std, std_out, gain)
 
     def shard_experts(self) -> None:
         """Keep only this rank's experts (expert parallelism); call after init."""

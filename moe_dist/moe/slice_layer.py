@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from moe_dist.config import MoEConfig
+from moe_dist.models.init import normal_
 from moe_dist.moe.aux import MoEAux
 from moe_dist.moe.balance import BalanceBias
 from moe_dist.moe.dispatch import sort_by_expert
@@ -69,12 +70,12 @@ class SliceMoEFFN(nn.Module):
         self.balance = BalanceBias(cfg.num_experts, cfg.bias_update_rate)
         self.experts = GroupedExperts(cfg.num_experts, self.d_slice, cfg.d_expert, act, cfg.grouped_mm, bias=True)
 
-    def reset_parameters(self, std: float, std_out: float) -> None:
+    def reset_parameters(self, std: float, std_out: float, gain: Optional[float] = None) -> None:
         for fc in (self.router.fc1, self.router.fc2):
-            nn.init.normal_(fc.weight, std=std)
+            normal_(fc.weight, std, gain, fc.weight.shape[1])
             nn.init.zeros_(fc.bias)
         scale = self.cfg.expert_init_scale
-        self.experts.reset_parameters(std * scale, std_out * scale)
+        self.experts.reset_parameters(std * scale, std_out * scale, None if gain is None else gain * scale)
 
     def shard_experts(self) -> None:
         """Keep only this rank's experts (expert parallelism); call after init."""
