@@ -438,3 +438,35 @@ def test_tiny_config_trains(name, tmp_path):
     first = sum(r["lm_loss"] for r in rows[:5]) / 5
     last = sum(r["lm_loss"] for r in rows[-5:]) / 5
     assert len(rows) == 40 and last < first - 0.5, (first, last)
+
+
+@pytest.mark.parametrize("name", [c for c in TINY_CONFIGS if c != "tiny_dense"])
+def test_gradients_repeat_bit_for_bit(name):
+    """Two forward+backward passes on the same batch give identical gradients with 2 threads.
+    The batch is big enough (1024 tokens x d 64) for CPU's parallel-atomic index_put, which
+    made every top-k > 1 gather nondeterministic before gathers used index_select
+    (ops/__init__.py)."""
+    from conftest import REPO
+
+    cfg = load_config(f"{REPO}/configs/{name}.yaml", [
+        "model.d_model=64", "model.n_layers=2", "model.group_size=null", "model.head_dim=16", "model.vocab_size=97",
+        "data.seq_len=64", "moe.expert_dropout=0", "moe.slice_dropout=0", "moe.num_experts=8", "moe.d_expert=32",
+    ])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        lm = LM(cfg, 97)
+        idx = torch.randint(0, 97, (16, 64))
+
+        def grads():
+            lm.zero_grad()
+            out = lm(idx)
+            (torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), idx.flatten()) + out.aux_loss).backward()
+            return [p.grad.clone() for p in lm.parameters()]
+
+        first = grads()
+        for _ in range(3):
+            assert all(torch.equal(a, b) for a, b in zip(first, grads()))
+    finally:
+        torch.set_num_threads(threads)

@@ -93,9 +93,10 @@ class GroupedExperts(nn.Module):
         expert_N = torch.repeat_interleave(
             torch.arange(self.num_experts, device=x_ND.device), tokens_per_expert_E, output_size=x_ND.shape[0]
         )
-        h_NH = h_NH + self.b_in_EH[expert_N].to(h_NH.dtype)
+        # index_select, not b[expert_N]: deterministic gradients (see ops/__init__.py).
+        h_NH = h_NH + self.b_in_EH.index_select(0, expert_N).to(h_NH.dtype)
         y_ND = grouped_mm(activation(h_NH, self.act), self.w_out_EFD, tokens_per_expert_E, self.backend)
-        return y_ND + self.b_out_ED[expert_N].to(y_ND.dtype)
+        return y_ND + self.b_out_ED.index_select(0, expert_N).to(y_ND.dtype)
 
 
 class StackedLinear(nn.Module):

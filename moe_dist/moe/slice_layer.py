@@ -114,7 +114,9 @@ class SliceMoEFFN(nn.Module):
         pair_N = torch.div(assignment_N, K, rounding_mode="floor")
         w_N = weight_PK.reshape(-1)[assignment_N]
         # The weight scales the expert INPUT: gather and scale here (the dispatch buffer).
-        x_ND = autocast_input(x_PDs[pair_N] * w_N.to(x_PDs.dtype).unsqueeze(1))  # dispatch in compute dtype
+        # Dispatch in the compute dtype. index_select, not x[pair_N]: deterministic
+        # gradients (see ops/__init__.py).
+        x_ND = autocast_input(x_PDs.index_select(0, pair_N) * w_N.to(x_PDs.dtype).unsqueeze(1))
         y_ND, aux.sent_bytes = self.ep.run(x_ND, None, tokens_per_expert_E, self.experts, timer)
         y_PDs = y_ND.new_zeros(P, self.d_slice).index_add(0, pair_N, y_ND)
         timer.lap("combine")

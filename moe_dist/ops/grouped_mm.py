@@ -209,7 +209,7 @@ def _sgmm(x, w_EDF, counts_E, slot_N, gdiv, sdiv, n_out, scale_N, act, backend, 
     src_N = torch.div(slot_N, gdiv, rounding_mode="floor") if gdiv else None
     dst_N = torch.div(slot_N, sdiv, rounding_mode="floor") if sdiv else None
     if backend != "triton":  # the unfused torch path: permuted copy, activation, combine
-        a = x[src_N] if gdiv else x
+        a = x.index_select(0, src_N) if gdiv else x  # not x[src_N]: see ops/__init__.py
         y = grouped_mm(activation(a, act) if act != "none" else a, w_EDF, counts_E, backend)
         if scale_N is not None:
             y = y * scale_N.to(y.dtype).unsqueeze(1)

@@ -147,7 +147,8 @@ class ExpertParallel:
         to each ep rank (dispatch + combine; the entry of this rank is its local copy).
         src_N=None: rows_MD is already the sorted assignment rows. `timer` gets the dispatch,
         all_to_all, compute and (part of the) combine laps."""
-        x_ND = rows_MD if src_N is None else rows_MD[src_N]
+        # index_select, not rows_MD[src_N]: deterministic gradients (see ops/__init__.py).
+        x_ND = rows_MD if src_N is None else rows_MD.index_select(0, src_N)
         if self.size == 1:
             timer.lap("dispatch")
             y_ND = experts(x_ND, tokens_per_expert_E)
