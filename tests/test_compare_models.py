@@ -21,7 +21,7 @@ spec.loader.exec_module(compare)
 
 @pytest.mark.parametrize("scale", ["quick", "cpu"])
 def test_plans_match_dense_parameters_and_share_everything_else(scale, tmp_path):
-    plans = compare.plans(compare.SCALES[scale], str(tmp_path), [m.name for m in compare.MODELS])
+    plans = compare.plans(compare.SCALES[scale], [m.name for m in compare.MODELS])
     assert [p.model.name for p in plans] == ["dense", "switch", "sigma_moe", "switchhead", "moeut", "slicemoe"]
     dense = plans[0].cfg
     for p in plans:
@@ -30,7 +30,7 @@ def test_plans_match_dense_parameters_and_share_everything_else(scale, tmp_path)
         assert abs(real / plans[0].counts.params_total - 1) <= compare.MATCH_TOLERANCE, p.model.name
         # Same batches, budget and schedule for every model: only the architecture differs.
         assert p.cfg.data == dense.data and p.cfg.optim == dense.optim and p.cfg.train == dense.train
-        assert replace(p.cfg.run, dir=dense.run.dir) == dense.run and p.cfg.run.dir.endswith(p.model.name)
+        assert replace(p.cfg.run, dir=dense.run.dir) == dense.run  # run.dir and run.seed are set per run
         assert p.cfg.model.d_model == dense.model.d_model and p.cfg.model.n_layers == dense.model.n_layers
         assert p.cfg.model.activation == "relu"
     by = {p.model.name: p for p in plans}
@@ -38,41 +38,48 @@ def test_plans_match_dense_parameters_and_share_everything_else(scale, tmp_path)
     assert by["moeut"].cfg.model.group_size == 2 and by["moeut"].cfg.model.norm == "peri"
 
 
-def test_unmatchable_knob_is_an_error(tmp_path, monkeypatch):
+def test_unmatchable_knob_is_an_error(monkeypatch):
     narrow = replace(compare.MODELS[1], candidates=lambda d: range(4, 8, 4))  # Switch experts 4 wide at most
     monkeypatch.setattr(compare, "MODELS", [compare.MODELS[0], narrow])
     with pytest.raises(SystemExit, match=r"switch: no moe.d_expert in range\(4, 8, 4\) brings total parameters within 3%"):
-        compare.plans(compare.SCALES["quick"], str(tmp_path), ["switch"])
+        compare.plans(compare.SCALES["quick"], ["switch"])
 
 
 def test_quick_run_writes_its_section_and_keeps_the_rest(tmp_path):
     out = tmp_path / "results.md"
     out.write_text("# Results\n\nHand-written discussion.\n\n<!-- compare_models:cpu:begin -->\nold cpu table\n"
                    "<!-- compare_models:cpu:end -->\n\nClosing text.\n")
-    cmd = [sys.executable, "tools/compare_models.py", "--quick", "--work-dir", str(tmp_path / "runs"), "--out", str(out)]
+    cmd = [sys.executable, "tools/compare_models.py", "--quick", "--seeds", "2", "--work-dir", str(tmp_path / "runs"),
+           "--out", str(out)]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     text = out.read_text()
     assert text.startswith("# Results\n\nHand-written discussion.\n") and "old cpu table" in text
     assert text.rstrip().endswith("<!-- compare_models:quick:end -->") and "Closing text." in text
     section = text.split("<!-- compare_models:quick:begin -->")[1].split("<!-- compare_models:quick:end -->")[0]
-    assert "Command: `python tools/compare_models.py --quick --work-dir" in section
-    rows = {r[0]: r for r in (line.strip("|").split(" | ") for line in section.splitlines() if line.startswith("| "))}
+    assert "Command: `python tools/compare_models.py --quick --seeds 2 --work-dir" in section
+    assert "seeds 0-1 (values are means over the seeds)" in section
+    cells = ([x.strip() for x in line.strip("|").split(" | ")] for line in section.splitlines() if line.startswith("| "))
+    rows = {r[0]: r for r in cells}
     for name in ("dense", "switch", "sigma_moe", "switchhead", "moeut", "slicemoe"):
-        r = [x.strip() for x in rows[name]]
+        r = rows[name]
         assert 1 < float(r[1]) < 512, r  # validation perplexity below the uniform 512-token guess
         assert abs(float(r[3].rstrip("%"))) <= 3.0, r  # matched total parameters
         assert float(r[7].replace(",", "")) > 0  # tokens/s
         routed = {"ffn": name in ("switch", "sigma_moe", "moeut", "slicemoe"), "attn": name in ("switchhead", "moeut")}
         for col, kind in ((8, "ffn"), (9, "attn")):
             assert (0 < float(r[col]) <= 1) if routed[kind] else r[col] == "-", (name, kind, r)
-    claims = [r for r in rows.values() if r[-1].strip() in ("yes", "no")]
+    claims = [r for r in rows.values() if r[-1] in ("yes", "no")]
     assert len(claims) == 3
-    # The run directories hold what the table was read from.
-    metrics = tmp_path / "runs" / "moeut" / "metrics.jsonl"
-    last_eval = [line for line in metrics.read_text().splitlines() if "val_ppl" in line][-1]
-    ppl = float(re.search(r'"val_ppl": ([0-9.e+]+)', last_eval).group(1))
-    assert f"| moeut | {ppl:.2f} |" in section and math.isfinite(ppl)
+    # The run directories hold what the table was read from: the mean over the two seeds.
+    ppl = []
+    for seed in (0, 1):
+        metrics = tmp_path / "runs" / f"moeut-seed{seed}" / "metrics.jsonl"
+        last_eval = [line for line in metrics.read_text().splitlines() if "val_ppl" in line][-1]
+        ppl.append(float(re.search(r'"val_ppl": ([0-9.e+]+)', last_eval).group(1)))
+    assert ppl[0] != ppl[1] and all(math.isfinite(x) for x in ppl)  # the seed changes the run
+    assert f"| moeut | {(ppl[0] + ppl[1]) / 2:.2f} |" in section
+    assert rows["moeut"][-1] == f"{ppl[0]:.2f}, {ppl[1]:.2f}"
 
 
 def test_unknown_model_name_is_rejected():

@@ -5,6 +5,7 @@ on the embedded corpus for one token budget, and write the comparison to docs/re
     python tools/compare_models.py                 # scale "cpu": about 25 min on 2 cores
     python tools/compare_models.py --quick         # scale "quick": about 1 min, a smoke run
     python tools/compare_models.py --scale gpu     # larger settings (the default on CUDA)
+    python tools/compare_models.py --seeds 2       # every model with seeds 0 and 1: means and spread
 
 Every model starts from its configs/tiny_*.yaml and gets the scale's shared settings
 (d_model, layers, context, batch, steps, learning rate, seed): only the architecture
@@ -115,14 +116,14 @@ MATCH_TOLERANCE = 0.03
 """Largest relative difference from the dense model's total parameters we accept."""
 
 
-def shared_overrides(s: Scale, run_dir: str) -> list[str]:
+def shared_overrides(s: Scale) -> list[str]:
     stats_every = max(1, s.steps // 10)
     return [
         f"model.d_model={s.d_model}", f"model.n_layers={s.n_layers}", f"model.n_heads={s.n_heads}",
         f"data.seq_len={s.seq_len}", *s.data, f"train.micro_batch_size={s.micro_batch}",
         f"train.max_steps={s.steps}", f"optim.warmup_steps={max(1, s.steps // 10)}", f"optim.lr={s.lr}",
         f"optim.min_lr={s.lr / 10}", f"train.eval_every={s.steps}", f"train.eval_batches={s.eval_batches}",
-        "run.seed=0", f"run.dir={run_dir}", "train.resume=none", "checkpoint.every=0", "checkpoint.save_final=false",
+        "train.resume=none", "checkpoint.every=0", "checkpoint.save_final=false",
         "logging.log_every=1", f"logging.moe_stats_every={stats_every}", "logging.progress=false",
     ]
 
@@ -136,9 +137,9 @@ class Plan:
     knob_value: Optional[int] = None
 
 
-def plan(model: Model, s: Scale, run_dir: str, target: Optional[int]) -> Plan:
+def plan(model: Model, s: Scale, target: Optional[int]) -> Plan:
     """The model's overrides, with its knob solved to the total parameter count nearest `target`."""
-    base = shared_overrides(s, run_dir) + model.fixed(s.d_model)
+    base = shared_overrides(s) + model.fixed(s.d_model)
     path = os.path.join(REPO, model.config)
     if model.knob is None:
         cfg = load_config(path, base)
@@ -161,31 +162,47 @@ def plan(model: Model, s: Scale, run_dir: str, target: Optional[int]) -> Plan:
     return p
 
 
-def plans(s: Scale, work: str, names: list[str]) -> list[Plan]:
-    dense = plan(MODELS[0], s, os.path.join(work, "dense"), None)
-    out = [dense]
-    for m in MODELS[1:]:
-        if m.name in names:
-            out.append(plan(m, s, os.path.join(work, m.name), dense.counts.params_total))
-    return out
+def plans(s: Scale, names: list[str]) -> list[Plan]:
+    dense = plan(MODELS[0], s, None)
+    return [dense] + [plan(m, s, dense.counts.params_total) for m in MODELS[1:] if m.name in names]
 
 
 @dataclass
-class Result:
-    plan: Plan
+class Run:
+    """One seed of one model."""
     val_ppl: float
     tokens_per_s: float
     wall_s: float
     load_entropy: dict[str, float] = field(default_factory=dict)
 
 
-def train(p: Plan, run_dir: str) -> float:
+@dataclass
+class Result:
+    """A model over its seeds: means, and the per-seed validation perplexities."""
+    plan: Plan
+    runs: list[Run]
+
+    @property
+    def val_ppl(self) -> float:
+        return statistics.mean(r.val_ppl for r in self.runs)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return statistics.mean(r.tokens_per_s for r in self.runs)
+
+    @property
+    def load_entropy(self) -> dict[str, float]:
+        return {k: statistics.mean(r.load_entropy[k] for r in self.runs) for k in self.runs[0].load_entropy}
+
+
+def train(p: Plan, run_dir: str, seed: int) -> float:
     """Train one model in its own process; returns the wall seconds."""
     if os.path.isdir(run_dir):
         shutil.rmtree(run_dir)  # a run dir of this tool's work directory: start over
     os.makedirs(run_dir)
     log = run_dir + ".log"
-    cmd = [sys.executable, "-m", "moe_dist.train", "--config", os.path.join(REPO, p.model.config), *p.overrides]
+    cmd = [sys.executable, "-m", "moe_dist.train", "--config", os.path.join(REPO, p.model.config), *p.overrides,
+           f"run.seed={seed}", f"run.dir={run_dir}"]
     t0 = time.perf_counter()
     with open(log, "w") as f:
         rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -196,7 +213,7 @@ def train(p: Plan, run_dir: str) -> float:
     return time.perf_counter() - t0
 
 
-def read_run(p: Plan, run_dir: str, wall_s: float) -> Result:
+def read_run(p: Plan, run_dir: str, wall_s: float) -> Run:
     path = os.path.join(run_dir, "metrics.jsonl")
     with open(path) as f:
         rows = [json.loads(line) for line in f]
@@ -207,7 +224,7 @@ def read_run(p: Plan, run_dir: str, wall_s: float) -> Result:
         raise SystemExit(f"{p.model.name}: {path} has no evaluation or no training rows")
     skip = len(steps) // 10  # warm-up steps: allocator and thread-pool start
     entropy = {k: windows[-1][f"load_entropy_{k}"] for k in ("ffn", "attn") if windows and f"load_entropy_{k}" in windows[-1]}
-    return Result(p, evals[-1]["val_ppl"], statistics.median(r["tokens_per_s"] for r in steps[skip:]), wall_s, entropy)
+    return Run(evals[-1]["val_ppl"], statistics.median(r["tokens_per_s"] for r in steps[skip:]), wall_s, entropy)
 
 
 # --- claims ----------------------------------------------------------------------------------
@@ -265,16 +282,18 @@ def _m(n: float) -> str:
 
 def table(scale_name: str, s: Scale, results: list[Result], command: str, total_s: float) -> str:
     dense = results[0].plan.counts
+    seeds = len(results[0].runs)
+    seed_text = "seed 0" if seeds == 1 else f"seeds 0-{seeds - 1} (values are means over the seeds)"
     lines = [
         f"Command: `{command}`  ",
         f"Scale `{scale_name}`: d_model {s.d_model}, {s.n_layers} layers, context {s.seq_len}, "
         f"{s.micro_batch} x {s.seq_len} tokens per step, {s.steps} steps = {s.tokens:,} tokens per model, "
-        f"lr {s.lr:g} (warmup {max(1, s.steps // 10)}, cosine to {s.lr / 10:g}), seed 0, ReLU FFNs.  ",
+        f"lr {s.lr:g} (warmup {max(1, s.steps // 10)}, cosine to {s.lr / 10:g}), {seed_text}, ReLU FFNs.  ",
         f"Machine: {machine()}; commit {commit()}; {time.strftime('%Y-%m-%d')}; {total_s / 60:.1f} min in all.",
         "",
         "| model | val ppl | total params | vs dense | active params | MACs/token | attention MACs/token "
-        "| tokens/s | load entropy FFN | load entropy attn | solved knob |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tokens/s | load entropy FFN | load entropy attn | solved knob | val ppl per seed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         c = r.plan.counts
@@ -283,7 +302,7 @@ def table(scale_name: str, s: Scale, results: list[Result], command: str, total_
         lines.append(
             f"| {r.plan.model.name} | {r.val_ppl:.2f} | {_m(c.params_total)} | {c.params_total / dense.params_total - 1:+.1%} "
             f"| {_m(c.params_active)} | {_m(c.macs_total)} | {_m(c.macs_attention)} | {r.tokens_per_s:,.0f} "
-            f"| {ent[0]} | {ent[1]} | {knob} |")
+            f"| {ent[0]} | {ent[1]} | {knob} | {', '.join(f'{x.val_ppl:.2f}' for x in r.runs)} |")
     lines += ["", "| claim (paper) | measured | reproduced |", "|---|---|---|"]
     for claim, measured, ok in claims({r.plan.model.name: r for r in results}):
         lines.append(f"| {claim} | {measured} | {'yes' if ok else 'no'} |")
@@ -316,6 +335,7 @@ def main(argv=None) -> int:
                    help="comma-separated subset (dense is always trained: it is the reference)")
     p.add_argument("--work-dir", default=None, help="run directories (default runs/compare_<scale>)")
     p.add_argument("--out", default=None, help="results file (default docs/results.md; --quick: <work-dir>/results.md)")
+    p.add_argument("--seeds", type=int, default=1, help="train every model with seeds 0..N-1 and report means")
     p.add_argument("--plan-only", action="store_true", help="print the matched plans, train nothing")
     a = p.parse_args(argv)
     scale_name = "quick" if a.quick else a.scale or ("gpu" if torch.cuda.is_available() else "cpu")
@@ -326,7 +346,9 @@ def main(argv=None) -> int:
     s = SCALES[scale_name]
     work = os.path.abspath(a.work_dir or os.path.join(REPO, "runs", f"compare_{scale_name}"))
     out = a.out or (os.path.join(work, "results.md") if scale_name == "quick" else os.path.join(REPO, "docs", "results.md"))
-    todo = plans(s, work, names)
+    if a.seeds < 1:
+        p.error("--seeds: must be >= 1")
+    todo = plans(s, names)
     for pl in todo:
         c = pl.counts
         knob = f"{pl.model.knob}={pl.knob_value}" if pl.model.knob else "reference"
@@ -337,11 +359,14 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     results = []
     for pl in todo:
-        run_dir = os.path.join(work, pl.model.name)
-        r = read_run(pl, run_dir, train(pl, run_dir))
-        results.append(r)
-        print(f"{pl.model.name:<11} val ppl {r.val_ppl:8.2f}  {r.tokens_per_s:8,.0f} tokens/s  "
-              f"load entropy {r.load_entropy}  ({r.wall_s:.0f} s)", flush=True)
+        runs = []
+        for seed in range(a.seeds):
+            run_dir = os.path.join(work, f"{pl.model.name}-seed{seed}")
+            r = read_run(pl, run_dir, train(pl, run_dir, seed))
+            runs.append(r)
+            print(f"{pl.model.name:<11} seed {seed}  val ppl {r.val_ppl:8.2f}  {r.tokens_per_s:8,.0f} tokens/s  "
+                  f"load entropy {r.load_entropy}  ({r.wall_s:.0f} s)", flush=True)
+        results.append(Result(pl, runs))
     command = "python tools/compare_models.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = table(scale_name, s, results, command.strip(), time.perf_counter() - t0)
     write_section(out, scale_name, body)
