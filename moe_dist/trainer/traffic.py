@@ -103,21 +103,27 @@ class CallStats:
         return float(self.routed.max()) / (self.capacity * self.calls)
 
     @property
+    def _routed_entropy(self) -> Optional[float]:
+        """Entropy (nats) of the routed-count distribution; None when nothing was routed."""
+        total = self.routed.sum()
+        if total == 0:
+            return None
+        p = self.routed[self.routed > 0] / total
+        return float(-(p * np.log(p)).sum())
+
+    @property
     def usage_perplexity(self) -> float:
         """exp(entropy of the routed-count distribution): the number of experts in effective
         use, E at perfect balance."""
-        total = self.routed.sum()
-        if total == 0:
-            return 0.0
-        p = self.routed[self.routed > 0] / total
-        return float(math.exp(-(p * np.log(p)).sum()))
+        h = self._routed_entropy
+        return 0.0 if h is None else math.exp(h)
 
     @property
     def load_entropy(self) -> float:
         """Entropy of the routed-count distribution over log(E), in [0, 1]: 1 at perfect
         balance. SliceMoE's paper reports this "normalised expert-load entropy"."""
-        E = len(self.routed)
-        return math.log(self.usage_perplexity) / math.log(E) if E > 1 and self.routed.sum() > 0 else 0.0
+        h, E = self._routed_entropy, len(self.routed)
+        return 0.0 if h is None or E < 2 else h / math.log(E)
 
     @property
     def kind(self) -> str:
