@@ -268,7 +268,7 @@ def test_expert_mlp_matches_dispatch_experts_combine(name, dtype, act):
     leaves = [x, w_in, w_out, weight_N]
     y = ops.expert_mlp(x, w_in, w_out, counts_E, slot_N, K, weight_N, act, backend="triton")
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    y_ref = ops.expert_mlp(*ref_leaves[:3], counts_E, slot_N, K, ref_leaves[3], act, backend="loop")
+    y_ref = ops.expert_mlp_reference(*ref_leaves[:3], counts_E, slot_N, K, ref_leaves[3], act)
     torch.testing.assert_close(y.double(), y_ref, **TOL[dtype])
     dy = rand(T, D, dtype=dtype)
     for g, g_ref in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(y_ref, ref_leaves, dy.double())):
@@ -371,7 +371,7 @@ def test_gpu_expert_mlp_realistic(dtype, act):
     leaves = [x, w_in, w_out, weight_N]
     y = ops.expert_mlp(x, w_in, w_out, counts_E, slot_N, K, weight_N, act)  # auto -> triton on CUDA
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    y_ref = ops.expert_mlp(*ref_leaves[:3], counts_E, slot_N, K, ref_leaves[3], act, backend="loop")
+    y_ref = ops.expert_mlp_reference(*ref_leaves[:3], counts_E, slot_N, K, ref_leaves[3], act)
     dy = rand(T, D, dtype=dtype)
     got = [y, *torch.autograd.grad(y, leaves, dy)]
     want = [y_ref, *torch.autograd.grad(y_ref, ref_leaves, dy.double())]

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from moe_dist.models.init import normal_
 from moe_dist.ops.activations import activation, hidden_multiplier
-from moe_dist.ops.grouped_mm import grouped_mm
+from moe_dist.ops.grouped_mm import expert_mlp, grouped_mlp, grouped_mm
 
 
 def is_expert_param(p: torch.Tensor) -> bool:
@@ -86,9 +86,9 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         x_ND = autocast_input(x_ND)
-        h_NH = grouped_mm(x_ND, self.w_in_EDH, tokens_per_expert_E, self.backend)
         if self.b_in_EH is None:
-            return grouped_mm(activation(h_NH, self.act), self.w_out_EFD, tokens_per_expert_E, self.backend)
+            return grouped_mlp(x_ND, self.w_in_EDH, self.w_out_EFD, tokens_per_expert_E, self.act, self.backend)
+        h_NH = grouped_mm(x_ND, self.w_in_EDH, tokens_per_expert_E, self.backend)
         # Expert id of each row; output_size avoids a host sync.
         expert_N = torch.repeat_interleave(
             torch.arange(self.num_experts, device=x_ND.device), tokens_per_expert_E, output_size=x_ND.shape[0]
@@ -97,6 +97,21 @@ class GroupedExperts(nn.Module):
         h_NH = h_NH + self.b_in_EH.index_select(0, expert_N).to(h_NH.dtype)
         y_ND = grouped_mm(activation(h_NH, self.act), self.w_out_EFD, tokens_per_expert_E, self.backend)
         return y_ND + self.b_out_ED.index_select(0, expert_N).to(y_ND.dtype)
+
+
+    def dispatch_and_combine(
+        self, x_TD: torch.Tensor, tokens_per_expert_E: torch.Tensor, slot_N: torch.Tensor, top_k: int,
+        weight_N: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """One process's whole routed FFN, y_TD = sum over a token's kept rows of
+        weight * expert(x_token), as one op (ops.expert_mlp: gather, experts, weight and
+        scatter fused per expert). slot_N: the kept [T, K] slots sorted by expert."""
+        if self.b_in_EH is not None:
+            raise NotImplementedError("dispatch_and_combine: experts with biases use forward()")
+        x_TD = autocast_input(x_TD)
+        return expert_mlp(
+            x_TD, self.w_in_EDH, self.w_out_EFD, tokens_per_expert_E, slot_N, top_k, weight_N, self.act, self.backend
+        )
 
 
 class StackedLinear(nn.Module):

@@ -91,12 +91,17 @@ class MoEFFN(nn.Module):
         # 3. scale by routing weight and scatter-add into the tokens
         keep_P = None if self.cfg.dropless else keep_TK.reshape(-1)  # dropless: no mask, no sync
         assignment_N, tokens_per_expert_E = sort_by_expert(expert_TK.reshape(-1), keep_P, self.num_experts)
-        token_N = torch.div(assignment_N, self.top_k, rounding_mode="floor")
-        # Dispatch in the compute dtype (bf16 under autocast): half the all-to-all bytes.
-        y_ND, aux.sent_bytes = self.ep.run(autocast_input(x_TD), token_N, tokens_per_expert_E, self.experts, timer)
-        w_N = weight_TK.reshape(-1)[assignment_N].to(y_ND.dtype)
-        y_TD = y_ND.new_zeros(B * S, D).index_add(0, token_N, y_ND * w_N.unsqueeze(1))
-        timer.lap("combine")
+        w_N = weight_TK.reshape(-1).index_select(0, assignment_N)
+        if self.ep.size == 1:  # all experts here: steps 1-3 in one op, no [N, D] copies
+            y_TD = self.experts.dispatch_and_combine(x_TD, tokens_per_expert_E, assignment_N, self.top_k, w_N)
+            aux.sent_bytes = []
+            timer.lap("compute")
+        else:
+            token_N = torch.div(assignment_N, self.top_k, rounding_mode="floor")
+            # Dispatch in the compute dtype (bf16 under autocast): half the all-to-all bytes.
+            y_ND, aux.sent_bytes = self.ep.run(autocast_input(x_TD), token_N, tokens_per_expert_E, self.experts, timer)
+            y_TD = y_ND.new_zeros(B * S, D).index_add(0, token_N, y_ND * w_N.to(y_ND.dtype).unsqueeze(1))
+            timer.lap("combine")
         aux.kept_per_expert, aux.timer = tokens_per_expert_E, timer
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD).to(y_TD.dtype)
