@@ -34,6 +34,12 @@ def test_ties_go_to_lower_expert():
     # A tie between the 2nd and 3rd best: the lower index wins the second slot.
     e, _, _ = topk_softmax(torch.tensor([[0.0, 1.0, 1.0, 2.0]]), 2)
     assert e.tolist() == [[3, 1]]
+    # top-1 takes argmax, top-k a stable sort: the same rule on many ties (vectorised CPU
+    # argmax on a long tensor included).
+    logits = torch.randint(0, 3, (5000, 16)).float()
+    e1, _, _ = topk_softmax(logits, 1)
+    first_max = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :1]
+    assert torch.equal(e1, first_max) and torch.equal(topk_softmax(logits, 2)[0][:, :1], first_max)
 
 
 def test_topk_weights_hand_computed():

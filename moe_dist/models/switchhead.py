@@ -96,15 +96,19 @@ class SwitchHeadAttention(nn.Module):
         balance.observe(global_RK)
         ep, G = self.ep, H * E
         probs_sum, terms = None, {}
+        local = [torch.bincount(global_RK.reshape(-1), minlength=G)]
         if self.cfg.entropy_loss_weight > 0:
             # [H, E]: the entropy regulariser balances each head's experts, global batch.
-            probs_sum = ep.sum_stats(probs_RE.view(T, H, E).sum(0), grad=True).float()
+            local.append(probs_RE.view(T, H, E).sum(0))
+        total = ep.sum_stats_many(local)  # one all-reduce for both
+        if self.cfg.entropy_loss_weight > 0:
+            probs_sum = total[1].float()
             terms["entropy_reg"] = entropy_regularizer(probs_sum, T * ep.world).detach()
         aux = MoEAux(
             name=name,
             group_key=id(self),
             loss=torch.zeros((), dtype=torch.float32, device=x_route_TD.device),
-            tokens_per_expert=ep.sum_stats(torch.bincount(global_RK.reshape(-1), minlength=G)).detach(),
+            tokens_per_expert=total[0].detach(),
             dropped=torch.zeros((), dtype=torch.long, device=x_route_TD.device),
             assignments=global_RK.numel() * ep.world,
             probs_sum=probs_sum,

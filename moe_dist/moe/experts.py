@@ -52,6 +52,11 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def unpermute(y_sorted: torch.Tensor, row_order_N: torch.Tensor) -> torch.Tensor:
+    """y[row_order_N[n]] = y_sorted[n]: outputs computed in expert order, back in row order."""
+    return torch.empty_like(y_sorted).index_copy(0, row_order_N, y_sorted)
+
+
 class GroupedExperts(nn.Module):
     """E expert FFNs y = W_out act(W_in x [+ b_in]) [+ b_out] (SliceMoE's experts have biases)."""
 
@@ -84,10 +89,18 @@ class GroupedExperts(nn.Module):
                 setattr(self, name, _shard_param(p, lo, hi))
         self.num_experts = hi - lo
 
-    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, row_order_N: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """row_order_N: x is not sorted by expert; sorted row n is x[row_order_N[n]], and
+        the output comes back in x's order (an expert-parallel rank's received rows)."""
         x_ND = autocast_input(x_ND)
         if self.b_in_EH is None:
-            return grouped_mlp(x_ND, self.w_in_EDH, self.w_out_EFD, tokens_per_expert_E, self.act, self.backend)
+            return grouped_mlp(
+                x_ND, self.w_in_EDH, self.w_out_EFD, tokens_per_expert_E, self.act, self.backend, row_order_N
+            )
+        if row_order_N is not None:
+            return unpermute(self.forward(x_ND.index_select(0, row_order_N), tokens_per_expert_E), row_order_N)
         h_NH = grouped_mm(x_ND, self.w_in_EDH, tokens_per_expert_E, self.backend)
         # Expert id of each row; output_size avoids a host sync.
         expert_N = torch.repeat_interleave(
@@ -125,5 +138,11 @@ class StackedLinear(nn.Module):
     def shard(self, lo: int, hi: int) -> None:
         self.w_GIO = _shard_param(self.w_GIO, lo, hi)
 
-    def forward(self, x_NI: torch.Tensor, tokens_per_expert_G: torch.Tensor) -> torch.Tensor:
-        return grouped_mm(autocast_input(x_NI), self.w_GIO, tokens_per_expert_G, self.backend)
+    def forward(
+        self, x_NI: torch.Tensor, tokens_per_expert_G: torch.Tensor, row_order_N: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """row_order_N: as in GroupedExperts.forward."""
+        x_NI = autocast_input(x_NI)
+        if row_order_N is not None:
+            return unpermute(grouped_mm(x_NI.index_select(0, row_order_N), self.w_GIO, tokens_per_expert_G, self.backend), row_order_N)
+        return grouped_mm(x_NI, self.w_GIO, tokens_per_expert_G, self.backend)

@@ -130,30 +130,36 @@ def routing_aux(
     rank, autograd through the sums), so they equal one process's on the same batch."""
     T, K = expert_TK.shape
     E = logits_TE.shape[1]
-    counts_E = ep.sum_stats(torch.bincount(expert_TK.reshape(-1), minlength=E))
     rows = T * ep.world  # every rank routes the same number of rows
+    entropy = cfg.entropy_loss_weight > 0
+    # Every sum over the global batch in one all-reduce: counts, drops, and the loss sums.
+    local = {"counts": torch.bincount(expert_TK.reshape(-1), minlength=E), "dropped": (~keep_TK).sum()}
+    if cfg.lb_loss_weight > 0 or entropy:
+        local["probs"] = probs_TE.sum(0)
+    if cfg.z_loss_weight > 0:
+        local["z"] = torch.logsumexp(logits_TE, dim=-1).square().sum()
+    total = dict(zip(local, ep.sum_stats_many(list(local.values()))))
+    counts_E = total["counts"]
     loss = logits_TE.new_zeros(())
     terms: dict[str, torch.Tensor] = {}
     if cfg.lb_loss_weight > 0:
-        probs_sum_E = ep.sum_stats(probs_TE.sum(0), grad=True)
-        terms["switch_lb"] = switch_lb_loss_from_sums(probs_sum_E, counts_E, rows, K)
+        terms["switch_lb"] = switch_lb_loss_from_sums(total["probs"], counts_E, rows, K)
         loss = loss + cfg.lb_loss_weight * terms["switch_lb"]
     if cfg.z_loss_weight > 0:
-        terms["z_loss"] = ep.sum_stats(torch.logsumexp(logits_TE, dim=-1).square().sum(), grad=True) / rows
+        terms["z_loss"] = total["z"] / rows
         loss = loss + cfg.z_loss_weight * terms["z_loss"]
     if extra_loss is not None:
         loss = loss + extra_loss
-    entropy = cfg.entropy_loss_weight > 0
     probs_sum = None
-    if entropy:  # the Switch loss's sum when there is one: one all-reduce, not two
-        probs_sum = (probs_sum_E if cfg.lb_loss_weight > 0 else ep.sum_stats(probs_TE.sum(0), grad=True)).float()
+    if entropy:
+        probs_sum = total["probs"].float()
         terms["entropy_reg"] = entropy_regularizer(probs_sum, rows)
     return MoEAux(
         name=name,
         group_key=key,
         loss=loss.float(),
         tokens_per_expert=counts_E.detach(),
-        dropped=ep.sum_stats((~keep_TK).sum()).detach(),
+        dropped=total["dropped"].detach(),
         assignments=rows * K,
         probs_sum=probs_sum,
         num_rows=rows,

@@ -296,15 +296,19 @@ def expert_mlp(
 
 def grouped_mlp(
     x_ND: torch.Tensor, w_in_EDH: torch.Tensor, w_out_EFD: torch.Tensor, tokens_per_expert_E: torch.Tensor,
-    act: str, backend: str = "auto",
+    act: str, backend: str = "auto", row_order_N: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:  # fmt: skip
-    """y_ND = act(x_ND @ w_in[e]) @ w_out[e] for rows already sorted by expert (the experts
-    of an expert-parallel rank, which receive their rows grouped)."""
+    """y_ND = act(x_ND @ w_in[e]) @ w_out[e] for the rows of an expert-parallel rank's
+    experts. Rows sorted by expert, or, with row_order_N, sorted row n is x[row_order_N[n]]
+    and y comes back in x's order (the loop backend reads and writes them in place)."""
     w_in_EDH, w_out_EFD = w_in_EDH.to(x_ND.dtype), w_out_EFD.to(x_ND.dtype)
     if _resolve(backend, x_ND, w_in_EDH) == "loop":
-        return loop_expert_mlp(x_ND, w_in_EDH, w_out_EFD, tokens_per_expert_E, act=act)
-    h_NH = grouped_mm(x_ND, w_in_EDH, tokens_per_expert_E, backend)
-    return grouped_mm(activation(h_NH, act), w_out_EFD, tokens_per_expert_E, backend)
+        n = x_ND.shape[0]
+        return loop_expert_mlp(x_ND, w_in_EDH, w_out_EFD, tokens_per_expert_E, row_order_N, row_order_N, n, act=act)
+    x_sorted = x_ND if row_order_N is None else x_ND.index_select(0, row_order_N)
+    h_NH = grouped_mm(x_sorted, w_in_EDH, tokens_per_expert_E, backend)
+    y_ND = grouped_mm(activation(h_NH, act), w_out_EFD, tokens_per_expert_E, backend)
+    return y_ND if row_order_N is None else torch.empty_like(y_ND).index_copy(0, row_order_N, y_ND)
 
 
 def grouped_mm(
