@@ -275,6 +275,26 @@ def test_expert_mlp_matches_dispatch_experts_combine(name, dtype, act):
         torch.testing.assert_close(g.double(), g_ref, **TOL[dtype])
 
 
+def test_grouped_mlp_row_order_fuses_the_expert_parallel_regroup():
+    """An ep rank's received rows (grouped by source rank) read and written through their
+    expert order: expert_mlp with k = 1, no weights, a permutation as slots."""
+    torch.manual_seed(0)
+    counts_E = torch.tensor([5, 0, 19, 1, 8], device=DEV)
+    order_N = torch.randperm(33, device=DEV)
+    f32 = torch.float32
+    leaves = [rand(33, 24, dtype=f32).requires_grad_(), rand(5, 24, 40, dtype=f32, scale=24**-0.5).requires_grad_(),
+              rand(5, 20, 24, dtype=f32, scale=20**-0.5).requires_grad_()]  # fmt: skip
+    y = ops.grouped_mlp(*leaves, counts_E, "swiglu", backend="triton", row_order_N=order_N)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    h = ops.grouped_mm_reference(ref[0][order_N], ref[1], counts_E)
+    y_sorted = ops.grouped_mm_reference(ops.activation(h, "swiglu"), ref[2], counts_E)
+    y_ref = torch.empty_like(y_sorted).index_copy(0, order_N, y_sorted)
+    torch.testing.assert_close(y.double(), y_ref, **TOL[torch.float32])
+    dy = rand(33, 24, dtype=f32)
+    for g, g_ref in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(y_ref, ref, dy.double())):
+        torch.testing.assert_close(g.double(), g_ref, **TOL[torch.float32])
+
+
 def test_expert_mlp_all_rows_dropped():
     """N = 0 (every assignment over capacity): zero output and zero gradients, no launch errors."""
     T, K, E, D, F = 5, 2, 3, 16, 16

@@ -300,15 +300,15 @@ def grouped_mlp(
 ) -> torch.Tensor:  # fmt: skip
     """y_ND = act(x_ND @ w_in[e]) @ w_out[e] for the rows of an expert-parallel rank's
     experts. Rows sorted by expert, or, with row_order_N, sorted row n is x[row_order_N[n]]
-    and y comes back in x's order (the loop backend reads and writes them in place)."""
+    and y comes back in x's order: expert_mlp with top_k 1 and no weights, whose gather and
+    scatter the loop and triton backends do in place."""
+    if row_order_N is not None:
+        return expert_mlp(x_ND, w_in_EDH, w_out_EFD, tokens_per_expert_E, row_order_N, 1, None, act, backend)
     w_in_EDH, w_out_EFD = w_in_EDH.to(x_ND.dtype), w_out_EFD.to(x_ND.dtype)
     if _resolve(backend, x_ND, w_in_EDH) == "loop":
-        n = x_ND.shape[0]
-        return loop_expert_mlp(x_ND, w_in_EDH, w_out_EFD, tokens_per_expert_E, row_order_N, row_order_N, n, act=act)
-    x_sorted = x_ND if row_order_N is None else x_ND.index_select(0, row_order_N)
-    h_NH = grouped_mm(x_sorted, w_in_EDH, tokens_per_expert_E, backend)
-    y_ND = grouped_mm(activation(h_NH, act), w_out_EFD, tokens_per_expert_E, backend)
-    return y_ND if row_order_N is None else torch.empty_like(y_ND).index_copy(0, row_order_N, y_ND)
+        return loop_expert_mlp(x_ND, w_in_EDH, w_out_EFD, tokens_per_expert_E, act=act)
+    h_NH = grouped_mm(x_ND, w_in_EDH, tokens_per_expert_E, backend)
+    return grouped_mm(activation(h_NH, act), w_out_EFD, tokens_per_expert_E, backend)
 
 
 def grouped_mm(
