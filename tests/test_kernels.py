@@ -324,11 +324,18 @@ def test_grouped_mm_triton_backend(dtype):
     assert w.grad[1].abs().sum() == 0
 
 
-def test_auto_backend_is_torch_path_on_cpu():
+def test_auto_backend_choice():
+    """CPU: torch._grouped_mm, except the fused MLP on large expert groups and what torch
+    cannot run. CUDA: torch._grouped_mm in bf16 (the kernels are opt-in until benchmarked)."""
     x, w = torch.randn(4, 16), torch.randn(2, 16, 16)
-    assert ops._resolve("auto", x, w) == "loop"
+    assert ops._resolve("auto", x, w) == "torch"
+    assert ops._resolve("auto", x, w, mlp_rows_per_expert=ops.CPU_LOOP_MIN_ROWS_PER_EXPERT - 1) == "torch"
+    assert ops._resolve("auto", x, w, mlp_rows_per_expert=ops.CPU_LOOP_MIN_ROWS_PER_EXPERT) == "loop"
+    assert ops._resolve("auto", x.double(), w.double()) == "loop"  # no float64 grouped_mm
+    assert ops._resolve("auto", torch.randn(4, 6), torch.randn(2, 6, 5)) == "loop"  # 24-byte rows
     if not INTERPRET:
-        assert ops._resolve("auto", x.cuda(), w.cuda()) == "triton"
+        assert ops._resolve("auto", x.cuda().bfloat16(), w.cuda().bfloat16()) == "torch"
+        assert ops._resolve("auto", x.cuda(), w.cuda()) == "loop"
 
 
 def test_custom_ops_pass_opcheck():

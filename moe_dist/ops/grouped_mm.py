@@ -17,15 +17,16 @@ choices (for a top-k MoE), so its token is token_N = slot_N // K.
 
 Backends (moe.grouped_mm):
   loop   - one matmul per expert with hand-written backwards (ops/loop.py); expert_mlp and
-           grouped_mlp run each expert's whole MLP while its rows are in cache. The fastest
-           on CPU: measured here (2 cores, torch 2.13, 8 experts x 1024 rows, 256 -> 512,
-           fp32) 16 ms against 33 ms for torch._grouped_mm.
-  torch  - torch._grouped_mm (F.grouped_mm): one fused launch, no host sync, on CUDA.
+           grouped_mlp run each expert's whole MLP while its rows are in cache.
+  torch  - torch._grouped_mm (F.grouped_mm): one fused launch, no host sync, on CUDA; a
+           fast CPU implementation too (torch 2.13).
   triton - moe_dist/kernels: Triton grouped GEMMs with the gather/scatter fused; no host sync.
            CUDA; on CPU only under TRITON_INTERPRET=1 (the tests).
-  auto   - torch._grouped_mm on CUDA in bf16, loop elsewhere. The Triton kernels pass every
+  auto   - CUDA: torch._grouped_mm in bf16, loop otherwise. The Triton kernels pass every
            interpreter test but have not yet been compiled and timed on a GPU, so they are
            opt-in (moe.grouped_mm=triton) until tools/bench_grouped_gemm.py has run on one.
+           CPU: the loop's fused MLP for large expert groups, torch._grouped_mm otherwise
+           (CPU_LOOP_MIN_ROWS_PER_EXPERT); loop for dtypes or strides torch cannot run.
 The references (plain autograd, every dtype, what the tests compare against):
 grouped_mm_reference and expert_mlp_reference.
 """
@@ -98,10 +99,24 @@ def _torch_ok(x_ND: torch.Tensor, w_EDF: torch.Tensor) -> bool:
     return (x_ND.shape[1] * item) % 16 == 0 and (w_EDF.shape[2] * item) % 16 == 0
 
 
-def _resolve(backend: str, x: torch.Tensor, w_EDF: torch.Tensor) -> str:
-    """'auto' -> a concrete backend; refuse a named one that cannot run these tensors."""
+# CPU `auto`: the loop backend's fused expert MLP from this many rows per expert on, else
+# torch._grouped_mm. Measured on 2 cores (torch 2.13, fp32, relu, fwd+bwd, loop / torch):
+# 64 rows per expert 1.2-2.3x slower (per-expert Python and small ops), 256 rows 0.9-1.3x,
+# 384-512 rows 0.7-1.35x (even within noise), 1024 rows 0.80-1.01x; at every size the loop
+# keeps 40-60% less memory for the backward. A plain grouped matmul is never faster on the
+# loop (8 x 1024 rows 256 -> 512: 38.5 against 38.2 ms), so it always takes torch there.
+CPU_LOOP_MIN_ROWS_PER_EXPERT = 512
+
+
+def _resolve(backend: str, x: torch.Tensor, w_EDF: torch.Tensor, mlp_rows_per_expert: float = 0.0) -> str:
+    """'auto' -> a concrete backend; refuse a named one that cannot run these tensors.
+    mlp_rows_per_expert: set by the fused expert-MLP entry points (see above)."""
     if backend == "auto":
-        return "torch" if x.is_cuda and x.dtype == torch.bfloat16 and _torch_ok(x, w_EDF) else "loop"
+        if x.is_cuda:
+            return "torch" if x.dtype == torch.bfloat16 and _torch_ok(x, w_EDF) else "loop"
+        if mlp_rows_per_expert >= CPU_LOOP_MIN_ROWS_PER_EXPERT or not _torch_ok(x, w_EDF):
+            return "loop"
+        return "torch"
     if backend == "triton":
         if not _HAS_TRITON or x.dtype not in _TRITON_DTYPES:
             raise ValueError(f"moe.grouped_mm=triton needs Triton and fp32/fp16/bf16, got {x.dtype}")
@@ -285,7 +300,7 @@ def expert_mlp(
     """
     T = x_TD.shape[0]
     w_in_EDH, w_out_EFD = w_in_EDH.to(x_TD.dtype), w_out_EFD.to(x_TD.dtype)
-    backend = _resolve(backend, x_TD, w_in_EDH)
+    backend = _resolve(backend, x_TD, w_in_EDH, slot_N.shape[0] / w_in_EDH.shape[0])
     if backend == "loop":  # per-expert cache blocking (ops/loop.py)
         token_N = torch.div(slot_N, top_k, rounding_mode="floor")
         return loop_expert_mlp(x_TD, w_in_EDH, w_out_EFD, tokens_per_expert_E, token_N, token_N, T, weight_N, act)
@@ -305,7 +320,7 @@ def grouped_mlp(
     if row_order_N is not None:
         return expert_mlp(x_ND, w_in_EDH, w_out_EFD, tokens_per_expert_E, row_order_N, 1, None, act, backend)
     w_in_EDH, w_out_EFD = w_in_EDH.to(x_ND.dtype), w_out_EFD.to(x_ND.dtype)
-    if _resolve(backend, x_ND, w_in_EDH) == "loop":
+    if _resolve(backend, x_ND, w_in_EDH, x_ND.shape[0] / w_in_EDH.shape[0]) == "loop":
         return loop_expert_mlp(x_ND, w_in_EDH, w_out_EFD, tokens_per_expert_E, act=act)
     h_NH = grouped_mm(x_ND, w_in_EDH, tokens_per_expert_E, backend)
     return grouped_mm(activation(h_NH, act), w_out_EFD, tokens_per_expert_E, backend)
