@@ -100,12 +100,12 @@ def _torch_ok(x_ND: torch.Tensor, w_EDF: torch.Tensor) -> bool:
 
 
 # CPU `auto`: the loop backend's fused expert MLP from this many rows per expert on, else
-# torch._grouped_mm. Measured on 2 cores (torch 2.13, fp32, relu, fwd+bwd, loop / torch):
-# 64 rows per expert 1.2-2.3x slower (per-expert Python and small ops), 256 rows 0.9-1.3x,
-# 384-512 rows 0.7-1.35x (even within noise), 1024 rows 0.80-1.01x; at every size the loop
-# keeps 40-60% less memory for the backward. A plain grouped matmul is never faster on the
-# loop (8 x 1024 rows 256 -> 512: 38.5 against 38.2 ms), so it always takes torch there.
-CPU_LOOP_MIN_ROWS_PER_EXPERT = 512
+# torch._grouped_mm. Measured on 2 cores (torch 2.13, fp32, relu, fwd+bwd, loop time /
+# torch time): 64 rows per expert 1.2-2.3 (per-expert Python and small ops), 256 rows
+# 0.9-1.3, 512 rows 0.9-1.35 (d_model 128, d_expert 64: 1.2), 1024 rows 0.80-1.01. The loop
+# keeps 40-60% less memory for the backward at every size. A plain grouped matmul is never
+# faster on the loop (8 x 1024 rows, 256 -> 512: 38.5 against 38.2 ms): torch there.
+CPU_LOOP_MIN_ROWS_PER_EXPERT = 1024
 
 
 def _resolve(backend: str, x: torch.Tensor, w_EDF: torch.Tensor, mlp_rows_per_expert: float = 0.0) -> str:
