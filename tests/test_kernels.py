@@ -329,8 +329,9 @@ def test_auto_backend_choice():
     cannot run. CUDA: torch._grouped_mm in bf16 (the kernels are opt-in until benchmarked)."""
     x, w = torch.randn(4, 16), torch.randn(2, 16, 16)
     assert ops._resolve("auto", x, w) == "torch"
-    assert ops._resolve("auto", x, w, mlp_rows_per_expert=ops.CPU_LOOP_MIN_ROWS_PER_EXPERT - 1) == "torch"
-    assert ops._resolve("auto", x, w, mlp_rows_per_expert=ops.CPU_LOOP_MIN_ROWS_PER_EXPERT) == "loop"
+    rows = 2 * ops.CPU_LOOP_MIN_ELEMS_PER_EXPERT // (16 + 16)  # 2 experts, D + H = 32
+    assert ops._resolve("auto", x, w, mlp_rows=rows - 1) == "torch"
+    assert ops._resolve("auto", x, w, mlp_rows=rows) == "loop"
     assert ops._resolve("auto", x.double(), w.double()) == "loop"  # no float64 grouped_mm
     assert ops._resolve("auto", torch.randn(4, 6), torch.randn(2, 6, 5)) == "loop"  # 24-byte rows
     if not INTERPRET:

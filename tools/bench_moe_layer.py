@@ -2,9 +2,11 @@
 
     python tools/bench_moe_layer.py [--tokens 4096] [--d-model 256] [--d-expert 512] [--experts 8]
     torchrun --nproc_per_node 2 tools/bench_moe_layer.py          # ep=2 (gloo on CPU, nccl on GPU)
+    python tools/bench_moe_layer.py --backends loop,torch         # ours on each grouped_mm backend
 
 For top-1 and top-2 at capacity factor 1.25, on the same input, in one process group:
-  ours      moe_dist.moe.layer.MoEFFN (sorted dispatch, variable-size all-to-all)
+  ours      moe_dist.moe.layer.MoEFFN (sorted dispatch, variable-size all-to-all), one row
+            per --backends entry (moe.grouped_mm; default auto, whose pick is printed)
   deepspeed deepspeed.moe.layer.MoE (GShard einsum dispatch, capacity-padded all-to-all),
             experts of the same shape (no biases), use_rts=False
   dense     a GELU FFN of hidden k x d_expert: the same matmul FLOPs per token
@@ -28,6 +30,7 @@ import torch.nn as nn
 from moe_dist.config import MoEConfig
 from moe_dist.models.ffn import FFN
 from moe_dist.moe.layer import MoEFFN
+from moe_dist.ops.grouped_mm import _resolve
 from moe_dist.parallel.expert_parallel import ExpertParallel
 from moe_dist.parallel.layout import ParallelLayout
 
@@ -41,6 +44,18 @@ def deepspeed_moe(d: int, d_expert: int, experts: int, k: int, ep: int, cf: floa
     if dist.is_initialized():
         layer.set_deepspeed_parallelism()
     return layer
+
+
+def auto_pick(layer: MoEFFN, aux, x: torch.Tensor) -> str:
+    """The backend moe.grouped_mm=auto ran this call on at the mean rows per expert ('' for
+    a named backend): it depends on the size of the experts' blocks (ops/grouped_mm.py)."""
+    if layer.cfg.grouped_mm != "auto":
+        return ""
+    # Under ep each rank's experts get rows from every rank: the mean is the same, the
+    # pick can differ by rank near the threshold.
+    w = layer.experts.w_in_EDH  # this rank's experts
+    rows = aux.kept_per_expert.sum().item() * layer.ep.size * w.shape[0] // layer.num_experts
+    return _resolve("auto", x, w.to(x.dtype), rows)
 
 
 def cpu_peak_bytes(step) -> int:
@@ -66,6 +81,7 @@ def main() -> None:
     p.add_argument("--capacity-factor", type=float, default=1.25)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--backends", default="auto", help="comma-separated moe.grouped_mm values for our layer")
     a = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
@@ -81,22 +97,27 @@ def main() -> None:
     D, F, E = a.d_model, a.d_expert, a.experts
     torch.manual_seed(0)
     x = torch.randn(a.tokens, D, device=device, dtype=dtype)
-    rows = []
+    rows, notes = [], []
     for k in (1, 2):
-        torch.manual_seed(0)
-        ours = MoEFFN(D, MoEConfig(num_experts=E, top_k=k, d_expert=F, capacity_factor=a.capacity_factor,
-                                   lb_loss_weight=0.01, z_loss_weight=0.0), "gelu", ep=ExpertParallel(layout))
-        ours.reset_parameters(0.02, 0.02)
-        ours.shard_experts()
-        ds = deepspeed_moe(D, F, E, k, world, a.capacity_factor)
-        dense = FFN(D, k * F, "gelu")
-        models = {"ours": ours.to(device, dtype), "deepspeed": ds.to(device, dtype), "dense": dense.to(device, dtype)}
+        models = {}
+        for backend in a.backends.split(","):
+            torch.manual_seed(0)
+            cfg = MoEConfig(num_experts=E, top_k=k, d_expert=F, capacity_factor=a.capacity_factor,
+                            lb_loss_weight=0.01, z_loss_weight=0.0, grouped_mm=backend)  # fmt: skip
+            ours = MoEFFN(D, cfg, "gelu", ep=ExpertParallel(layout))
+            ours.reset_parameters(0.02, 0.02)
+            ours.shard_experts()
+            models["ours" if backend == "auto" else f"ours-{backend}"] = ours.to(device, dtype)
+        models["deepspeed"] = deepspeed_moe(D, F, E, k, world, a.capacity_factor).to(device, dtype)
+        models["dense"] = FFN(D, k * F, "gelu").to(device, dtype)
 
         def step(name):
             xi = x.detach().requires_grad_()
-            out = models[name](xi.view(1, a.tokens, D) if name == "ours" else xi)
-            if name == "ours":  # (y, MoEAux)
+            ours = name.startswith("ours")
+            out = models[name](xi.view(1, a.tokens, D) if ours else xi)
+            if ours:  # (y, MoEAux)
                 loss = out[0].float().square().mean() + out[1].loss
+                picks.add(auto_pick(models[name], out[1], xi))
             elif name == "deepspeed":  # (y, l_aux, expert counts)
                 loss = out[0].float().square().mean() + out[1]
             else:
@@ -105,6 +126,7 @@ def main() -> None:
             if cuda:
                 torch.cuda.synchronize()
 
+        picks: set[str] = set()
         times = {n: [] for n in models}
         for i in range(a.warmup + a.iters):
             for n in models:
@@ -123,14 +145,17 @@ def main() -> None:
                 peak = cpu_peak_bytes(lambda: step(n))
             med = statistics.median(times[n])
             rows.append((k, n, med * 1000, peak / 2**20))
+        if "auto" in a.backends.split(","):
+            notes.append(f"top-{k}: auto ran {' and '.join(sorted(picks - {''}))}")
     if rank == 0:
         where = torch.cuda.get_device_name(device) if cuda else "CPU (gloo)"
         print(f"{where}, world {world} (ep={world}), {a.tokens} tokens/rank, d_model {D}, d_expert {F}, {E} experts, "
               f"cf {a.capacity_factor}, {dtype}, median of {a.iters}")
         print(f"{'top-k':<6}{'layer':<11}{'fwd+bwd ms':>11}{'vs ours':>9}{'peak MiB':>10}")
         for k, n, ms, mib in rows:
-            base = next(r[2] for r in rows if r[0] == k and r[1] == "ours")
+            base = next(r[2] for r in rows if r[0] == k and r[1].startswith("ours"))
             print(f"{k:<6}{n:<11}{ms:>11.2f}{ms / base:>9.2f}{mib:>10.2f}")
+        print("; ".join(notes))
 
 
 if __name__ == "__main__":

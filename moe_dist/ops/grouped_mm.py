@@ -25,8 +25,8 @@ Backends (moe.grouped_mm):
   auto   - CUDA: torch._grouped_mm in bf16, loop otherwise. The Triton kernels pass every
            interpreter test but have not yet been compiled and timed on a GPU, so they are
            opt-in (moe.grouped_mm=triton) until tools/bench_grouped_gemm.py has run on one.
-           CPU: the loop's fused MLP for large expert groups, torch._grouped_mm otherwise
-           (CPU_LOOP_MIN_ROWS_PER_EXPERT); loop for dtypes or strides torch cannot run.
+           CPU: the loop's fused MLP for large expert blocks, torch._grouped_mm otherwise
+           (CPU_LOOP_MIN_ELEMS_PER_EXPERT); loop for dtypes or strides torch cannot run.
 The references (plain autograd, every dtype, what the tests compare against):
 grouped_mm_reference and expert_mlp_reference.
 """
@@ -99,22 +99,25 @@ def _torch_ok(x_ND: torch.Tensor, w_EDF: torch.Tensor) -> bool:
     return (x_ND.shape[1] * item) % 16 == 0 and (w_EDF.shape[2] * item) % 16 == 0
 
 
-# CPU `auto`: the loop backend's fused expert MLP from this many rows per expert on, else
-# torch._grouped_mm. Measured on 2 cores (torch 2.13, fp32, relu, fwd+bwd, loop time /
-# torch time): 64 rows per expert 1.2-2.3 (per-expert Python and small ops), 256 rows
-# 0.9-1.3, 512 rows 0.9-1.35 (d_model 128, d_expert 64: 1.2), 1024 rows 0.80-1.01. The loop
-# keeps 40-60% less memory for the backward at every size. A plain grouped matmul is never
+# CPU `auto`: the loop backend's fused expert MLP when each expert's block is large, else
+# torch._grouped_mm. The loop costs a fixed ~0.1-0.2 ms of Python and small ops per expert
+# and saves memory passes in proportion to rows x (D + H), so the measure is elements per
+# expert. Measured on 2 cores (torch 2.13, fp32, fwd+bwd, loop time / torch time; rows per
+# expert x (D + H) in thousands): 12-49K 1.2-2.3; 98K 1.1-1.2; 197K 0.80-1.35 (noisy);
+# 393K 0.88-0.98 (layer benchmark, 512 rows, 256 + 512 GELU: 0.92); 786K 0.80-1.01. The
+# loop also keeps 40-60% less memory for the backward. A plain grouped matmul is never
 # faster on the loop (8 x 1024 rows, 256 -> 512: 38.5 against 38.2 ms): torch there.
-CPU_LOOP_MIN_ROWS_PER_EXPERT = 1024
+CPU_LOOP_MIN_ELEMS_PER_EXPERT = 256 * 1024
 
 
-def _resolve(backend: str, x: torch.Tensor, w_EDF: torch.Tensor, mlp_rows_per_expert: float = 0.0) -> str:
+def _resolve(backend: str, x: torch.Tensor, w_EDF: torch.Tensor, mlp_rows: int = 0) -> str:
     """'auto' -> a concrete backend; refuse a named one that cannot run these tensors.
-    mlp_rows_per_expert: set by the fused expert-MLP entry points (see above)."""
+    mlp_rows: the routed rows of a fused expert MLP whose first projection is w_EDF."""
     if backend == "auto":
         if x.is_cuda:
             return "torch" if x.dtype == torch.bfloat16 and _torch_ok(x, w_EDF) else "loop"
-        if mlp_rows_per_expert >= CPU_LOOP_MIN_ROWS_PER_EXPERT or not _torch_ok(x, w_EDF):
+        E, D, H = w_EDF.shape
+        if mlp_rows * (D + H) >= CPU_LOOP_MIN_ELEMS_PER_EXPERT * E or not _torch_ok(x, w_EDF):
             return "loop"
         return "torch"
     if backend == "triton":
@@ -300,7 +303,7 @@ def expert_mlp(
     """
     T = x_TD.shape[0]
     w_in_EDH, w_out_EFD = w_in_EDH.to(x_TD.dtype), w_out_EFD.to(x_TD.dtype)
-    backend = _resolve(backend, x_TD, w_in_EDH, slot_N.shape[0] / w_in_EDH.shape[0])
+    backend = _resolve(backend, x_TD, w_in_EDH, slot_N.shape[0])
     if backend == "loop":  # per-expert cache blocking (ops/loop.py)
         token_N = torch.div(slot_N, top_k, rounding_mode="floor")
         return loop_expert_mlp(x_TD, w_in_EDH, w_out_EFD, tokens_per_expert_E, token_N, token_N, T, weight_N, act)
@@ -320,7 +323,7 @@ def grouped_mlp(
     if row_order_N is not None:
         return expert_mlp(x_ND, w_in_EDH, w_out_EFD, tokens_per_expert_E, row_order_N, 1, None, act, backend)
     w_in_EDH, w_out_EFD = w_in_EDH.to(x_ND.dtype), w_out_EFD.to(x_ND.dtype)
-    if _resolve(backend, x_ND, w_in_EDH, x_ND.shape[0] / w_in_EDH.shape[0]) == "loop":
+    if _resolve(backend, x_ND, w_in_EDH, x_ND.shape[0]) == "loop":
         return loop_expert_mlp(x_ND, w_in_EDH, w_out_EFD, tokens_per_expert_E, act=act)
     h_NH = grouped_mm(x_ND, w_in_EDH, tokens_per_expert_E, backend)
     return grouped_mm(activation(h_NH, act), w_out_EFD, tokens_per_expert_E, backend)
