@@ -1,5 +1,7 @@
 """The token-choice MoE layer against a naive per-token loop in float64, and degenerate cases."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from moe_dist.models.ffn import FFN
 from moe_dist.moe.layer import MoEFFN
 from moe_dist.moe.router import expert_capacity
 from moe_dist.ops.activations import activation
+from moe_dist.ops import grouped_mm as grouped_mm_module
 from moe_dist.ops.grouped_mm import grouped_mm, grouped_mm_reference
 
 
@@ -155,3 +158,49 @@ def test_grouped_mm_backends_agree(dtype):
 def test_grouped_mm_torch_backend_refuses_unaligned():
     with pytest.raises(ValueError, match="16-byte aligned"):
         grouped_mm(torch.randn(3, 6), torch.randn(2, 6, 5), torch.tensor([1, 2]), "torch")
+
+
+@pytest.mark.parametrize("act, D, F, tokens, picks", [
+    ("relu", 16, 8, 18, "torch"),  # small expert blocks: torch._grouped_mm
+    ("swiglu", 16, 6, 18, "loop"),  # the second projection's 24-byte rows: torch cannot run it
+    # 10000 rows x (64 + 64) over 3 experts: the fused loop. GELU: at 640K ReLU units some
+    # pre-activation is within float32 rounding of 0, and its gradient flips there.
+    ("gelu", 64, 64, 5000, "loop"),
+])  # fmt: skip
+def test_float32_auto_backend_layer_matches_float64(act, D, F, tokens, picks):
+    """The layer in float32 on CPU `auto` (whichever backend it picks) against the same
+    weights in float64 on the loop backend: outputs and every gradient."""
+    cfg = MoEConfig(num_experts=3, top_k=2, d_expert=F, capacity_factor=None)
+    torch.manual_seed(0)
+    layer = MoEFFN(D, cfg, act)
+    layer.reset_parameters(0.3, 0.3)
+    w_in, w_out = layer.experts.w_in_EDH, layer.experts.w_out_EFD
+    assert grouped_mm_module._resolve("auto", torch.zeros(1, D), w_in, 2 * tokens, w_out) == picks
+    ref = MoEFFN(D, dataclasses.replace(cfg, grouped_mm="loop"), act).double()
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(1, tokens, D, requires_grad=True)
+    x_ref = x.detach().double().requires_grad_()
+    y, _ = layer(x)
+    y_ref, _ = ref(x_ref)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    dy = torch.randn(y.shape, dtype=torch.float64)
+    (y.double() * dy).sum().backward()
+    (y_ref * dy).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(layer.named_parameters(), ref.parameters()):
+        scale = q.grad.abs().max()  # sums over 10000 rows: compare relative to the largest
+        torch.testing.assert_close(p.grad.double() / scale, q.grad / scale, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_grouped_mm_torch_backend_with_no_rows_and_an_expanded_gradient():
+    """y.sum() of an empty output gives a [0, F] gradient with zero strides."""
+    x = torch.randn(0, 16, requires_grad=True)
+    w = torch.randn(2, 16, 8, requires_grad=True)
+    grouped_mm(x, w, torch.zeros(2, dtype=torch.long), "torch").sum().backward()
+    assert x.grad.shape == (0, 16) and w.grad.abs().sum().item() == 0
+
+
+def test_torch_backend_checks_both_projections_of_an_expert_mlp():
+    x, w_in, w_out = torch.randn(4, 16), torch.randn(2, 16, 12), torch.randn(2, 6, 16)  # swiglu: 12 -> 6
+    with pytest.raises(ValueError, match="16x12x6x16 .*16-byte aligned"):
+        grouped_mm_module.grouped_mlp(x, w_in, w_out, torch.tensor([1, 3]), "swiglu", backend="torch")

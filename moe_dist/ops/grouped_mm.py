@@ -88,15 +88,19 @@ class _ContiguousGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if grad.numel() == 0:  # an empty tensor counts as contiguous with its 0 strides
+            return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
         return grad.contiguous()
 
 
-def _torch_ok(x_ND: torch.Tensor, w_EDF: torch.Tensor) -> bool:
+def _torch_ok(x_ND: torch.Tensor, *w_EDF: torch.Tensor) -> bool:
+    """torch._grouped_mm can run x @ w[e] (and, for an expert MLP, the second projection
+    w_out: its input width is w_out.shape[1])."""
     if _torch_grouped_mm is None or x_ND.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     # torch._grouped_mm needs 16-byte aligned row strides on both operands.
-    item = x_ND.element_size()
-    return (x_ND.shape[1] * item) % 16 == 0 and (w_EDF.shape[2] * item) % 16 == 0
+    widths = [x_ND.shape[1]] + [d for w in w_EDF for d in w.shape[1:]]
+    return all(d * x_ND.element_size() % 16 == 0 for d in widths)
 
 
 # CPU `auto`: the loop backend's fused expert MLP when each expert's block is large, else
@@ -110,14 +114,17 @@ def _torch_ok(x_ND: torch.Tensor, w_EDF: torch.Tensor) -> bool:
 CPU_LOOP_MIN_ELEMS_PER_EXPERT = 256 * 1024
 
 
-def _resolve(backend: str, x: torch.Tensor, w_EDF: torch.Tensor, mlp_rows: int = 0) -> str:
+def _resolve(
+    backend: str, x: torch.Tensor, w_EDF: torch.Tensor, mlp_rows: int = 0, w_out: Optional[torch.Tensor] = None
+) -> str:
     """'auto' -> a concrete backend; refuse a named one that cannot run these tensors.
-    mlp_rows: the routed rows of a fused expert MLP whose first projection is w_EDF."""
+    An expert MLP passes its routed rows and second projection w_out: one backend runs both."""
+    ws = (w_EDF,) if w_out is None else (w_EDF, w_out)
     if backend == "auto":
         if x.is_cuda:
-            return "torch" if x.dtype == torch.bfloat16 and _torch_ok(x, w_EDF) else "loop"
+            return "torch" if x.dtype == torch.bfloat16 and _torch_ok(x, *ws) else "loop"
         E, D, H = w_EDF.shape
-        if mlp_rows * (D + H) >= CPU_LOOP_MIN_ELEMS_PER_EXPERT * E or not _torch_ok(x, w_EDF):
+        if mlp_rows * (D + H) >= CPU_LOOP_MIN_ELEMS_PER_EXPERT * E or not _torch_ok(x, *ws):
             return "loop"
         return "torch"
     if backend == "triton":
@@ -127,10 +134,11 @@ def _resolve(backend: str, x: torch.Tensor, w_EDF: torch.Tensor, mlp_rows: int =
             raise ValueError("moe.grouped_mm=triton needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
         return backend
     if backend == "torch":
-        if not _torch_ok(x, w_EDF):
+        if not _torch_ok(x, *ws):
+            dims = "x".join(str(d) for d in [x.shape[1]] + [d for w in ws for d in w.shape[1:]])
             raise ValueError(
                 f"moe.grouped_mm=torch cannot run dtype {x.dtype} with dims "
-                f"{x.shape[1]}x{w_EDF.shape[2]} (needs fp32/bf16/fp16, 16-byte aligned rows)"
+                f"{dims} (needs fp32/bf16/fp16, 16-byte aligned rows)"
             )
         return backend
     if backend == "loop":
@@ -303,7 +311,7 @@ def expert_mlp(
     """
     T = x_TD.shape[0]
     w_in_EDH, w_out_EFD = w_in_EDH.to(x_TD.dtype), w_out_EFD.to(x_TD.dtype)
-    backend = _resolve(backend, x_TD, w_in_EDH, slot_N.shape[0])
+    backend = _resolve(backend, x_TD, w_in_EDH, slot_N.shape[0], w_out_EFD)
     if backend == "loop":  # per-expert cache blocking (ops/loop.py)
         token_N = torch.div(slot_N, top_k, rounding_mode="floor")
         return loop_expert_mlp(x_TD, w_in_EDH, w_out_EFD, tokens_per_expert_E, token_N, token_N, T, weight_N, act)
@@ -323,7 +331,7 @@ def grouped_mlp(
     if row_order_N is not None:
         return expert_mlp(x_ND, w_in_EDH, w_out_EFD, tokens_per_expert_E, row_order_N, 1, None, act, backend)
     w_in_EDH, w_out_EFD = w_in_EDH.to(x_ND.dtype), w_out_EFD.to(x_ND.dtype)
-    if _resolve(backend, x_ND, w_in_EDH, x_ND.shape[0]) == "loop":
+    if _resolve(backend, x_ND, w_in_EDH, x_ND.shape[0], w_out_EFD) == "loop":
         return loop_expert_mlp(x_ND, w_in_EDH, w_out_EFD, tokens_per_expert_E, act=act)
     h_NH = grouped_mm(x_ND, w_in_EDH, tokens_per_expert_E, backend)
     return grouped_mm(activation(h_NH, act), w_out_EFD, tokens_per_expert_E, backend)

@@ -5,7 +5,7 @@
 
 Legend: N routed rows sorted by expert, D input dim, F expert hidden dim, H = F * hidden
 multiplier, O output dim, E experts. grouped_mm.grouped_mm_reference is the readable
-autograd reference; tests/test_moe_layer.py checks both against it in float64.
+autograd reference; tests/test_loop_ops.py checks both against the references in float64.
 
 Why hand-written and not autograd through `x @ w[e]` pieces:
 - `w_EDF[e]`'s backward zero-fills a whole [E, D, F] gradient per expert and the engine

@@ -104,8 +104,9 @@ class ExpertParallel:
         """sum_stats of several tensors in one all-reduce (one float64 buffer; autograd flows
         to the ones that require grad). A small gloo all-reduce costs about 1.3 ms on the
         2-core CPU machine, mostly latency: a routed call's counts, drops and loss sums
-        travel together. Integer counts stay exact in float64 (below 2^53); floating
-        tensors come back in their own dtype, so results equal separate sum_stats calls."""
+        travel together. Integer counts stay exact in float64 (below 2^53). Floating
+        tensors come back in their own dtype: a sum over two ranks equals a separate
+        sum_stats call, and over more it is rounded once, not once per addition."""
         if self.world == 1:
             return list(tensors)
         flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
@@ -202,8 +203,9 @@ class ExpertParallel:
         )
         order_R = torch.sort(label_R, stable=True).indices
         timer.lap("dispatch")
-        # 5. the experts read their rows through order_R and write them back in received
-        # order (undoing 4): in place on the loop backend, a copy each way otherwise.
+        # 5. the experts read their rows through order_R and write their outputs back in
+        # received order (undoing 4). The loop and triton backends gather and scatter
+        # through order_R expert by expert, without a sorted copy of all the rows.
         y_RD = experts(x_RD, recv_counts_PE.sum(0), order_R)
         timer.lap("compute")
         y_ND = wait_tensor(all_to_all_single_autograd(y_RD, send_splits, recv_splits, self.group))

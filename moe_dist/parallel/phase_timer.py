@@ -10,10 +10,13 @@ host sync to a step.
 
 Phases of ExpertParallel.run (parallel/expert_parallel.py):
   route      router matmul, top-k, capacity (its all-gather under ep), balancing sums
-  dispatch   sort by expert, gather rows, count exchange and split sizes, regroup received rows
+  dispatch   sort by expert, gather rows, count exchange and split sizes, order received rows
   all_to_all the two payload exchanges (rows out, expert outputs back)
-  compute    the local experts' grouped matmuls
-  combine    undo the regrouping, scale by the routing weights, scatter-add into the tokens
+  compute    the local experts, which read the received rows in expert order and write
+             their outputs back in received order
+  combine    scale by the routing weights, scatter-add into the tokens
+In one process the token-choice FFN runs gather, experts, weights and scatter-add as one
+op (ops.expert_mlp): all of it is charged to compute, and dispatch and combine read 0.
 Only the forward is timed: the backward's all-to-alls run inside autograd.
 """
 
