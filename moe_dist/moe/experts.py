@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from moe_dist.models.init import normal_
 from moe_dist.ops.activations import activation, hidden_multiplier
-from moe_dist.ops.grouped_mm import expert_mlp, grouped_mlp, grouped_mm
+from moe_dist.ops.grouped_mm import expert_mlp, grouped_mlp, grouped_mm, scatter_grouped_mm
 
 
 def is_expert_param(p: torch.Tensor) -> bool:
@@ -50,11 +50,6 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
         # grouped_mm is not an autocast op: cast to the autocast dtype ourselves.
         return x.to(torch.get_autocast_dtype(device_type))
     return x
-
-
-def unpermute(y_sorted: torch.Tensor, row_order_N: torch.Tensor) -> torch.Tensor:
-    """y[row_order_N[n]] = y_sorted[n]: outputs computed in expert order, back in row order."""
-    return torch.empty_like(y_sorted).index_copy(0, row_order_N, y_sorted)
 
 
 class GroupedExperts(nn.Module):
@@ -99,8 +94,9 @@ class GroupedExperts(nn.Module):
             return grouped_mlp(
                 x_ND, self.w_in_EDH, self.w_out_EFD, tokens_per_expert_E, self.act, self.backend, row_order_N
             )
-        if row_order_N is not None:
-            return unpermute(self.forward(x_ND.index_select(0, row_order_N), tokens_per_expert_E), row_order_N)
+        if row_order_N is not None:  # sorted copy in, outputs back in x's order
+            y_sorted = self.forward(x_ND.index_select(0, row_order_N), tokens_per_expert_E)
+            return torch.empty_like(y_sorted).index_copy(0, row_order_N, y_sorted)
         h_NH = grouped_mm(x_ND, self.w_in_EDH, tokens_per_expert_E, self.backend)
         # Expert id of each row; output_size avoids a host sync.
         expert_N = torch.repeat_interleave(
@@ -110,7 +106,6 @@ class GroupedExperts(nn.Module):
         h_NH = h_NH + self.b_in_EH.index_select(0, expert_N).to(h_NH.dtype)
         y_ND = grouped_mm(activation(h_NH, self.act), self.w_out_EFD, tokens_per_expert_E, self.backend)
         return y_ND + self.b_out_ED.index_select(0, expert_N).to(y_ND.dtype)
-
 
     def dispatch_and_combine(
         self, x_TD: torch.Tensor, tokens_per_expert_E: torch.Tensor, slot_N: torch.Tensor, top_k: int,
@@ -141,8 +136,12 @@ class StackedLinear(nn.Module):
     def forward(
         self, x_NI: torch.Tensor, tokens_per_expert_G: torch.Tensor, row_order_N: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        """row_order_N: as in GroupedExperts.forward."""
+        """row_order_N: as in GroupedExperts.forward (a gather and a scatter through the
+        same permutation: fused on the triton backend)."""
         x_NI = autocast_input(x_NI)
         if row_order_N is not None:
-            return unpermute(grouped_mm(x_NI.index_select(0, row_order_N), self.w_GIO, tokens_per_expert_G, self.backend), row_order_N)
+            return scatter_grouped_mm(
+                x_NI, self.w_GIO, tokens_per_expert_G, slot_N=row_order_N, gather_div=1, scatter_div=1,
+                backend=self.backend,
+            )  # fmt: skip
         return grouped_mm(x_NI, self.w_GIO, tokens_per_expert_G, self.backend)

@@ -10,7 +10,10 @@ def hidden_multiplier(kind: str) -> int:
 
 
 def activation(h: torch.Tensor, kind: str) -> torch.Tensor:
-    """swiglu: h = [gate | up] -> silu(gate) * up; relu; gelu (tanh-free, exact erf)."""
+    """swiglu: h = [gate | up] -> silu(gate) * up; relu; gelu (tanh-free, exact erf); none
+    (identity: a projection without an activation, e.g. SwitchHead's V and O)."""
+    if kind == "none":
+        return h
     if kind == "swiglu":
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up

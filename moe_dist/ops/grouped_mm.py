@@ -93,14 +93,17 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _row_widths(x_ND: torch.Tensor, *w_EDF: torch.Tensor) -> list[int]:
+    """Row widths of every operand of x @ w[e] (and, for an expert MLP, of the second
+    projection w_out, whose input width is w_out.shape[1])."""
+    return [x_ND.shape[1]] + [d for w in w_EDF for d in w.shape[1:]]
+
+
 def _torch_ok(x_ND: torch.Tensor, *w_EDF: torch.Tensor) -> bool:
-    """torch._grouped_mm can run x @ w[e] (and, for an expert MLP, the second projection
-    w_out: its input width is w_out.shape[1])."""
     if _torch_grouped_mm is None or x_ND.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    # torch._grouped_mm needs 16-byte aligned row strides on both operands.
-    widths = [x_ND.shape[1]] + [d for w in w_EDF for d in w.shape[1:]]
-    return all(d * x_ND.element_size() % 16 == 0 for d in widths)
+    # torch._grouped_mm needs 16-byte aligned row strides on every operand.
+    return all(d * x_ND.element_size() % 16 == 0 for d in _row_widths(x_ND, *w_EDF))
 
 
 # CPU `auto`: the loop backend's fused expert MLP when each expert's block is large, else
@@ -135,7 +138,7 @@ def _resolve(
         return backend
     if backend == "torch":
         if not _torch_ok(x, *ws):
-            dims = "x".join(str(d) for d in [x.shape[1]] + [d for w in ws for d in w.shape[1:]])
+            dims = "x".join(str(d) for d in _row_widths(x, *ws))
             raise ValueError(
                 f"moe.grouped_mm=torch cannot run dtype {x.dtype} with dims "
                 f"{dims} (needs fp32/bf16/fp16, 16-byte aligned rows)"
@@ -253,7 +256,7 @@ def _sgmm(x, w_EDF, counts_E, slot_N, gdiv, sdiv, n_out, scale_N, act, backend, 
     dst_N = torch.div(slot_N, sdiv, rounding_mode="floor") if sdiv else None
     if backend != "triton":  # the unfused torch path: permuted copy, activation, combine
         a = x.index_select(0, src_N) if gdiv else x  # not x[src_N]: see ops/__init__.py
-        y = grouped_mm(activation(a, act) if act != "none" else a, w_EDF, counts_E, backend)
+        y = grouped_mm(activation(a, act), w_EDF, counts_E, backend)
         if scale_N is not None:
             y = y * scale_N.to(y.dtype).unsqueeze(1)
         return y.new_zeros(n_out, y.shape[1]).index_add(0, dst_N, y) if sdiv else y

@@ -66,10 +66,6 @@ class LoopGroupedMM(torch.autograd.Function):
         return dx_ND, dw_EDF, None
 
 
-def _act(h: torch.Tensor, act: str) -> torch.Tensor:
-    return h if act == "none" else activation(h, act)
-
-
 class LoopExpertMLP(torch.autograd.Function):
     """Row n of expert e (rows sorted by expert):
         out[dst_N[n]] += scale_N[n] * act(x[src_N[n]] @ w_in[e]) @ w_out[e]
@@ -88,7 +84,7 @@ class LoopExpertMLP(torch.autograd.Function):
                 continue
             x_e = x[lo:hi] if src_N is None else x.index_select(0, src_N[lo:hi])
             h_e = torch.mm(x_e, w_in_EDH[e], out=h_NH[lo:hi])
-            y_e = torch.mm(_act(h_e, act), w_out_EFO[e], out=out[lo:hi] if dst_N is None else None)
+            y_e = torch.mm(activation(h_e, act), w_out_EFO[e], out=out[lo:hi] if dst_N is None else None)
             if scale_N is not None:
                 y_e.mul_(scale_N[lo:hi].to(y_e.dtype).unsqueeze(1))
             if dst_N is not None:
@@ -119,7 +115,7 @@ class LoopExpertMLP(torch.autograd.Function):
             g_e = dout[lo:hi] if dst_N is None else dout.index_select(0, dst_N[lo:hi])
             with torch.enable_grad():  # recompute act(h) and get its vjp from autograd
                 h_e = h_NH[lo:hi].detach().requires_grad_(ctx.act != "none")
-                a_e = _act(h_e, ctx.act)
+                a_e = activation(h_e, ctx.act)
             ga_e = g_e @ w_out[e].t()  # dL/d act(h) before the scale
             if scale_N is not None:
                 s_e = scale_N[lo:hi].to(g_e.dtype).unsqueeze(1)
