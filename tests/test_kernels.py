@@ -397,7 +397,7 @@ def test_gpu_expert_mlp_realistic(dtype, act):
     w_out = rand(E, F, D, dtype=dtype, scale=F**-0.5).requires_grad_()
     weight_N = torch.rand(len(slot_N), device=DEV, requires_grad=True)
     leaves = [x, w_in, w_out, weight_N]
-    y = ops.expert_mlp(x, w_in, w_out, counts_E, slot_N, K, weight_N, act)  # auto -> triton on CUDA
+    y = ops.expert_mlp(x, w_in, w_out, counts_E, slot_N, K, weight_N, act, "triton")  # auto picks torch/loop
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     y_ref = ops.expert_mlp_reference(*ref_leaves[:3], counts_E, slot_N, K, ref_leaves[3], act)
     dy = rand(T, D, dtype=dtype)
@@ -435,7 +435,7 @@ def test_gpu_expert_mlp_compiles_with_inductor():
     params = [rand(T, D, dtype=torch.bfloat16)] + [rand(*s, dtype=torch.bfloat16, scale=0.1) for s in ((E, D, 2 * F), (E, F, D))]
 
     def f(x, w_in, w_out):
-        return ops.expert_mlp(x, w_in, w_out, counts_E, slot_N, K, weight_N, "swiglu").float().square().sum()
+        return ops.expert_mlp(x, w_in, w_out, counts_E, slot_N, K, weight_N, "swiglu", "triton").float().square().sum()
 
     eager = f(*params)
     compiled = torch.compile(f, fullgraph=True)(*params)
