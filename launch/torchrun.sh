@@ -8,7 +8,8 @@
 #     NNODES=2 NODE_RANK=1 NPROC=8 MASTER_ADDR=10.0.0.1 MASTER_PORT=29400 launch/torchrun.sh CONFIG parallel.ep=8
 #   Or an elastic rendezvous endpoint instead of NODE_RANK/MASTER_*:
 #     NNODES=2 NPROC=8 RDZV_ENDPOINT=host0:29400 RDZV_ID=job42 launch/torchrun.sh CONFIG
-# Environment: NPROC (default: GPUs on this node, else 1), NNODES (1), NODE_RANK (0),
+# Environment: NPROC (default: GPUs on this node, else 1), NNODES (1), NODE_RANK (0; required
+# when NNODES > 1 without RDZV_ENDPOINT),
 # MASTER_ADDR/MASTER_PORT (one node: a free local port), RDZV_ENDPOINT, RDZV_ID.
 set -euo pipefail
 config=${1:?usage: launch/torchrun.sh CONFIG [section.key=value ...]}
@@ -22,6 +23,12 @@ if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
 elif [[ "$nnodes" == 1 && -z "${MASTER_PORT:-}" ]]; then
   args+=(--standalone)
 else
+  # Several nodes: NODE_RANK is required (a default of 0 on every node would give
+  # duplicate ranks and a rendezvous that hangs until the timeout).
+  if [[ "$nnodes" != 1 && -z "${NODE_RANK:-}" ]]; then
+    echo "error: NNODES=$nnodes needs NODE_RANK (0..$((nnodes - 1))) on every node, or RDZV_ENDPOINT" >&2
+    exit 2
+  fi
   args+=(--node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:?set MASTER_ADDR}" --master_port "${MASTER_PORT:?set MASTER_PORT}")
 fi
 exec python -m torch.distributed.run "${args[@]}" -m moe_dist.train --config "$config" "$@"

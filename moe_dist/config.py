@@ -34,6 +34,7 @@ class RunConfig:
 
     def validate(self) -> None:
         _require(self.dir != "", "run.dir", "must not be empty")
+        _require(0 <= self.seed < 2**32, "run.seed", "must be in [0, 2**32 - 1]")  # numpy's range
 
 
 @dataclass
@@ -123,6 +124,10 @@ class MoEConfig:
     """Hidden size of each expert FFN."""
     capacity_factor: Optional[float] = 1.25
     """Expert capacity = ceil(tokens * top_k / num_experts * cf); 0 or null = dropless."""
+    eval_capacity_factor: Optional[float] = None
+    """The capacity factor in evaluation (model.eval()); null = capacity_factor, 0 = dropless.
+    Switch Transformer trains at 1.0-1.25 and evaluates at 2.0 (DeepSpeed-MoE's
+    eval_capacity_factor)."""
     every: int = 1
     """MoE FFN in every `every`-th block (blocks every-1, 2*every-1, ...); dense elsewhere."""
     num_shared_experts: int = 0
@@ -158,6 +163,11 @@ class MoEConfig:
     def dropless(self) -> bool:
         return self.capacity_factor is None or self.capacity_factor == 0
 
+    def capacity_factor_for(self, training: bool) -> Optional[float]:
+        """The capacity factor of a training or an evaluation forward; None = dropless."""
+        cf = self.capacity_factor if training or self.eval_capacity_factor is None else self.eval_capacity_factor
+        return None if cf == 0 else cf
+
     def validate(self) -> None:
         _require(self.num_experts >= 1, "moe.num_experts", "must be >= 1")
         _require(self.top_k >= 1, "moe.top_k", "must be >= 1")
@@ -171,6 +181,11 @@ class MoEConfig:
             self.capacity_factor is None or self.capacity_factor >= 0,
             "moe.capacity_factor",
             f"must be >= 0 (0 or null = dropless), got {self.capacity_factor}",
+        )
+        _require(
+            self.eval_capacity_factor is None or self.eval_capacity_factor >= 0,
+            "moe.eval_capacity_factor",
+            f"must be >= 0 (0 = dropless, null = moe.capacity_factor), got {self.eval_capacity_factor}",
         )
         _require(self.every >= 1, "moe.every", "must be >= 1")
         _require(self.num_shared_experts >= 0, "moe.num_shared_experts", "must be >= 0")
@@ -418,6 +433,14 @@ class Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         m, moe = self.model, self.moe
+        if m.group_size is not None and m.ffn != "dense":
+            # Blocks are shared per position in the group: the MoE pattern repeats with the
+            # group, so "every every-th applied layer" needs every | group_size.
+            _require(
+                m.group_size % moe.every == 0,
+                "moe.every",
+                f"every={moe.every} does not divide model.group_size={m.group_size} (MoEUT groups repeat the pattern)",
+            )
         if m.ffn == "slice_moe":
             _require(
                 m.d_model % moe.num_slices == 0,

@@ -342,6 +342,57 @@ def test_slice_capacity_loss_and_cross_slice_dropout():
     assert torch.equal(out == 0, dropped)
     frac = dropped.float().mean().item()
     assert 0.40 < frac < 0.5  # 0.5 minus the rows (1/8) where everything was drawn
+    # A second weight that underflowed to 0: dropping the first would leave 0/0. Such rows
+    # drop nothing; rows that dropped only the zero weight keep [1, 0] too.
+    w = torch.tensor([[1.0, 0.0]]).repeat(1000, 1)
+    out, dropped = cross_slice_dropout(w, 0.5)
+    assert torch.equal(out, w) and not dropped[:, 0].any() and dropped[:, 1].any()
+
+
+def test_slice_capacity_loss_value_is_hard_counts_and_gradient_reaches_every_expert():
+    """The paper's CV^2 of hard counts is the value; its straight-through gradient (through
+    K x the full softmax mass) reaches an expert that no pair selected, which the top-k
+    weights (a softmax over the selected logits only) cannot."""
+    cfg = MoEConfig(num_experts=8, top_k=2, d_expert=4, num_slices=2, slice_router_hidden=4, capacity_factor=None)
+    layer = SliceMoEFFN(8, cfg, "relu").double()
+    logits = torch.randn(64, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    logits[:, 7] -= 5.0  # a starved expert
+    logits.requires_grad_()
+    expert, _, probs = route_topk(logits, 2, "softmax")
+    counts = torch.bincount(expert.reshape(-1), minlength=8).double()
+    assert counts[7] == 0
+    cv2 = cv_squared(layer._straight_through_load(expert, probs))
+    assert cv2.item() == cv_squared(counts).item()
+    cv2.backward()
+    # d cv2 / d load_7 < 0 (below the mean), so gradient descent raises expert 7's logits.
+    grad_7 = logits.grad[:, 7].sum().item()
+    assert grad_7 < -1e-6, grad_7
+    # Exactly the chain rule through K * importance.
+    load = counts.clone().requires_grad_()
+    cv_squared(load).backward()
+    imp = logits.detach().clone().requires_grad_()
+    (2 * torch.softmax(imp, -1).sum(0) * load.grad).sum().backward()
+    torch.testing.assert_close(logits.grad, imp.grad, **F64)
+
+
+def test_expert_dropout_never_leaves_fewer_than_k_selectable():
+    logits = torch.tensor([[3.0, 2.0, 1.0]])
+    e, w, _ = route_topk(logits, 2, exclude_TE=torch.tensor([[False, True, False]]))
+    assert e.tolist() == [[0, 2]]
+    # Two of three excluded at K=2: the row excludes none (not a -inf expert at full weight).
+    e, w, _ = route_topk(logits, 2, exclude_TE=torch.tensor([[False, True, True]]))
+    assert e.tolist() == [[0, 1]]
+    e, _, _ = route_topk(logits, 1, exclude_TE=torch.tensor([[True, True, True]]))
+    assert e.tolist() == [[0]]
+
+
+@pytest.mark.parametrize("ffn", ["moe", "slice"])
+def test_a_call_with_no_rows_has_zero_losses(ffn):
+    cfg = MoEConfig(num_experts=4, top_k=2, d_expert=4, num_slices=2, slice_router_hidden=4, entropy_loss_weight=0.1)
+    layer = SliceMoEFFN(8, cfg, "relu") if ffn == "slice" else MoEFFN(8, cfg, "relu")
+    y, aux = layer(torch.zeros(0, 5, 8))
+    assert y.shape == (0, 5, 8)
+    assert total_aux_loss([aux]).item() == 0.0 and all(torch.isfinite(t) for t in aux.terms.values())
 
 
 # ----------------------------------------------------------------------------- loss-free bias

@@ -127,7 +127,9 @@ def test_resharding_refuses_another_global_batch(tmp_path):
 def test_killed_during_a_multiprocess_save_resumes_bitwise(mode, tmp_path):
     """With checkpoint.async_save the files are written in the background and the rename
     happens at the next save (step 9 here); the kill comes there."""
-    args = ["parallel.ep=2", "train.micro_batch_size=4", "checkpoint.every=3", f"checkpoint.async_save={mode == 'async'}"]
+    # Dropout: each rank's own RNG stream must come back from its own extras.
+    args = ["parallel.ep=2", "train.micro_batch_size=4", "checkpoint.every=3", f"checkpoint.async_save={mode == 'async'}",
+            "model.dropout=0.1"]
     ok(torchrun(2, tmp_path / "ref", *args))
     expected = rows(tmp_path / "ref")
     run = tmp_path / "run"

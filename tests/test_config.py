@@ -36,6 +36,8 @@ def test_override_values_are_yaml():
         ("train.max_steps=0", "train.max_steps: must be >= 1"),
         ("optim.min_lr=1.0", "optim.min_lr: must be in [0, optim.lr]"),
         ("data.val_fraction=1.5", "data.val_fraction: must be in (0, 1)"),
+        ("run.seed=-1", "run.seed: must be in [0, 2**32 - 1]"),
+        ("run.seed=4294967296", "run.seed: must be in [0, 2**32 - 1]"),
         ("model.n_layers", "is not of the form section.key=value"),
         ("model=3", "override 'model=3': the key must be section.key"),
     ],
@@ -44,6 +46,12 @@ def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert message in str(e.value)
+
+
+def test_moe_every_must_divide_the_moeut_group():
+    with pytest.raises(ConfigError, match=r"moe.every: every=2 does not divide model.group_size=3"):
+        load_config(None, ["model.n_layers=6", "model.group_size=3", "moe.every=2"])
+    load_config(None, ["model.n_layers=8", "model.group_size=4", "moe.every=2"])
 
 
 def test_file_errors_name_the_file(tmp_path):

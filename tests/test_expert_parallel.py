@@ -170,6 +170,28 @@ def test_capacity_matches_one_process():
     run_distributed(_capacity_worker, 4)
 
 
+def _unequal_rows_worker(rank, world, kind):
+    """Ranks with different batch sizes (3 and 1 sequences; rank 1 also tries 0): capacity,
+    drops and every aux loss still equal one process on the concatenated batch, because the
+    row count travels with the statistics instead of being assumed equal."""
+    layout = ParallelLayout.build(rank, world, 0, world)
+    ref, layer = make_layer(kind, ExpertParallel(), 4, 0.75), make_layer(kind, ExpertParallel(layout), 4, 0.75)
+    X = torch.randn(4, S, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for sizes in ((3, 1), (4, 0)):
+        rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        y_ref, aux_ref = forward(ref, X, None)
+        y, aux = forward(layer, X[rows], None)
+        torch.testing.assert_close(y, y_ref[rows], **TOL)
+        torch.testing.assert_close(total_aux_loss(aux), total_aux_loss(aux_ref), **TOL)
+        assert torch.equal(aux[0].tokens_per_expert, aux_ref[0].tokens_per_expert)
+        assert aux[0].dropped.item() == aux_ref[0].dropped.item() > 0, sizes
+
+
+@pytest.mark.parametrize("kind", ["softmax", "slice"])
+def test_unequal_batches_across_ranks(kind):
+    run_distributed(_unequal_rows_worker, 2, kind)
+
+
 # ----------------------------------------------------------------------------- training
 
 

@@ -79,6 +79,10 @@ def test_two_nodes_on_one_machine(reference, tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert metrics(tmp_path / "run") == reference
+    # Without NODE_RANK every node would claim node 0: refused before launching anything.
+    p = launch("torchrun.sh", tmp_path / "norank", env={"NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+    assert p.returncode == 2
+    assert p.stderr.strip() == "error: NNODES=2 needs NODE_RANK (0..1) on every node, or RDZV_ENDPOINT"
 
 
 @pytest.mark.parametrize("fault", ["kill_rank:1:3", "hang_rank:1:3"])

@@ -91,6 +91,23 @@ def test_capacity_drops_counted_and_residual_zero():
     assert zero_rows == expected  # a dropped token gets exactly zero from the layer
 
 
+def test_eval_capacity_factor_applies_in_eval_only():
+    """moe.eval_capacity_factor (Switch: train 1.25, eval 2.0): model.eval() routes with it,
+    training keeps capacity_factor; 0 is dropless."""
+    layer = make_layer(4, 1, 0.25)
+    x = torch.randn(1, 18, 12, dtype=torch.float64)
+    train_dropped = layer(x)[1].dropped.item()
+    assert train_dropped > 0
+    for eval_cf, capacity in ((2.0, 9), (0.0, None)):  # ceil(18 / 4 * 2) = 9
+        layer.cfg = dataclasses.replace(layer.cfg, eval_capacity_factor=eval_cf)
+        layer.eval()
+        _, aux = layer(x)
+        want = 0 if capacity is None else sum(max(0, c - capacity) for c in aux.tokens_per_expert.tolist())
+        assert aux.dropped.item() == want and aux.capacity == capacity
+        layer.train()
+        assert layer(x)[1].dropped.item() == train_dropped
+
+
 def test_one_expert_top1_equals_dense_ffn():
     torch.manual_seed(1)
     D, F = 16, 24

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import REPO, TINY
 from moe_dist.config import load_config
+from moe_dist.errors import CheckpointError
 from moe_dist.train import main
 from moe_dist.trainer.checkpoint import latest_checkpoint, list_checkpoints
 from moe_dist.trainer.metrics import WALL_CLOCK_FIELDS
@@ -98,9 +99,12 @@ def test_exact_resume_after_sigkill(tmp_path):
     p = run_cli(run, fault="kill_at_step:10")
     assert p.returncode == -signal.SIGKILL
     assert read_metrics(run)[-1]["step"] == 10 and list_checkpoints(run / "checkpoints") == [4, 8]
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 11, "loss": 6.1')  # a row cut short by the kill
     p = run_cli(run)
     assert p.returncode == 0, p.stderr
     assert "resumed from" in p.stdout and "step_00000008" in p.stdout
+    assert f"warning: dropped 1 unreadable row(s) of {run / 'metrics.jsonl'}" in p.stdout
     assert strip_timing(read_metrics(run)) == expected  # bitwise: floats compared exactly
 
     # Killed during the save of step 12, after its files were written but before the rename.
@@ -115,6 +119,21 @@ def test_exact_resume_after_sigkill(tmp_path):
     assert p.returncode == 0, p.stderr
     assert strip_timing(read_metrics(run)) == expected
     assert not any(n.startswith(".tmp-") for n in os.listdir(ckpts))
+
+
+def test_each_rank_draws_its_own_forward_randomness():
+    """Same model init everywhere, but dropout masks of rank r are not rank 0's."""
+    import torch
+
+    from moe_dist.trainer.trainer import _seed_forward_rng
+
+    def draw(seed, rank, step=0):
+        _seed_forward_rng(seed, rank, step)
+        return torch.rand(16)
+
+    assert torch.equal(draw(0, 1), draw(0, 1))  # deterministic
+    streams = [draw(0, 0), draw(0, 1), draw(1, 0), draw(0, 0, step=8)]
+    assert all(not torch.equal(a, b) for i, a in enumerate(streams) for b in streams[i + 1:])
 
 
 def test_cli_bad_config_exits_2_with_named_key(tmp_path):
@@ -148,7 +167,11 @@ def test_resume_refuses_other_model_and_corrupt_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     assert main(base + ["train.resume=auto", "model.d_model=64", "train.max_steps=6"]) == 2
     err = capsys.readouterr().err
-    assert "was written by a different model config: model.d_model: checkpoint 32, config 64" in err
+    assert "was written by a different config (these keys must match to resume): model.d_model: checkpoint 32, config 64" in err
+    # The optimizer's hyper-parameters and the data stream must match too, named key by key.
+    assert main(base + ["train.resume=auto", "optim.lr=0.03", "data.seq_len=16", "run.seed=7", "train.max_steps=6"]) == 2
+    assert ("optim.lr: checkpoint 0.003, config 0.03; run.seed: checkpoint 0, config 7; "
+            "data.seq_len: checkpoint 32, config 16") in capsys.readouterr().err
     state = run / "checkpoints" / "step_00000004" / "__0_0.distcp"  # the DCP shard of rank 0
     data = bytearray(state.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -161,6 +184,35 @@ def test_resume_refuses_other_model_and_corrupt_checkpoint(tmp_path, capsys):
     assert (f"warning: rank 0: corrupt checkpoint file {state}: sha256 differs from meta.json; "
             "checkpoint.fallback=true: trying the checkpoint before it") in out
     assert "resumed from" in out and "step_00000002 (step 2)" in out
+
+
+def test_checkpoint_metadata_is_validated(tmp_path):
+    """meta.json must list every file a load reads and agree with the directory's step."""
+    import shutil
+
+    from moe_dist.trainer.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    assert main(TINY + [f"run.dir={run}", "train.max_steps=2", "train.eval_every=0", "checkpoint.every=2"]) == 0
+    good = run / "checkpoints" / "step_00000002"
+    assert load_checkpoint(str(good))[1]["step"] == 2
+
+    def broken(name, edit):
+        bad = tmp_path / name / "step_00000002"
+        shutil.copytree(good, bad)
+        meta = json.loads((bad / "meta.json").read_text())
+        edit(meta)
+        (bad / "meta.json").write_text(json.dumps(meta))
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(str(bad))
+        return str(e.value).replace(str(bad), "DIR")
+
+    assert broken("nofiles", lambda m: m.pop("files")) == "DIR/meta.json: missing or malformed key 'files' (expected dict)"
+    assert broken("step", lambda m: m.update(step=99)) == "DIR/meta.json: step 99, but the directory is step_00000002"
+    assert broken("extras", lambda m: m["files"].pop("extra_rank00000.pt")) == (
+        "DIR/meta.json does not list extra_rank00000.pt: refusing unverified files")
+    assert broken("dcp", lambda m: m["files"].pop(".metadata")) == (
+        "DIR/meta.json does not list .metadata: refusing unverified files")
 
 
 def test_checkpoint_retention_and_resave(tmp_path):

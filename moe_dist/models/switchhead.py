@@ -96,14 +96,16 @@ class SwitchHeadAttention(nn.Module):
         balance.observe(global_RK)
         ep, G = self.ep, H * E
         probs_sum, terms = None, {}
-        local = [torch.bincount(global_RK.reshape(-1), minlength=G)]
+        # Rows travel with the counts (global batch even if ranks' batches differ; >= 1).
+        local = [torch.bincount(global_RK.reshape(-1), minlength=G), torch.full((), T, device=global_RK.device)]
         if self.cfg.entropy_loss_weight > 0:
             # [H, E]: the entropy regulariser balances each head's experts, global batch.
             local.append(probs_RE.view(T, H, E).sum(0))
-        total = ep.sum_stats_many(local)  # one all-reduce for both
+        total = ep.sum_stats_many(local)  # one all-reduce for all
+        rows = total[1].clamp_min(1)
         if self.cfg.entropy_loss_weight > 0:
-            probs_sum = total[1].float()
-            terms["entropy_reg"] = entropy_regularizer(probs_sum, T * ep.world).detach()
+            probs_sum = total[2].float()
+            terms["entropy_reg"] = entropy_regularizer(probs_sum, rows).detach()
         aux = MoEAux(
             name=name,
             group_key=id(self),
@@ -112,7 +114,7 @@ class SwitchHeadAttention(nn.Module):
             dropped=torch.zeros((), dtype=torch.long, device=x_route_TD.device),
             assignments=global_RK.numel() * ep.world,
             probs_sum=probs_sum,
-            num_rows=T * ep.world,
+            num_rows=rows,
             entropy_weight=self.cfg.entropy_loss_weight,
             router_entropy_sum=router_entropy(probs_RE).detach(),
             local_rows=T * H,

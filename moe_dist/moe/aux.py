@@ -31,8 +31,8 @@ class MoEAux:
     """Routed rows x top-k."""
     probs_sum: Optional[torch.Tensor] = None
     """[E] sum over rows of softmax(router logits), for the pooled entropy regulariser."""
-    num_rows: int = 0
-    """Rows that probs_sum sums over."""
+    num_rows: Any = 0
+    """Rows that probs_sum sums over, over the global batch (a tensor, so no host sync)."""
     entropy_weight: float = 0.0
     """Weight of the entropy regulariser for this router."""
     layer: int = -1

@@ -74,8 +74,9 @@ class MoEFFN(nn.Module):
                 exclude = torch.rand_like(logits_TE) < cfg.expert_dropout
             bias = self.balance.bias[0] if self.balance.enabled else None
             expert_TK, weight_TK, probs_TE = route_topk(logits_TE, K, self.score, bias, exclude)
-            keep_TK = self.ep.capacity_mask(expert_TK, E, cfg.capacity_factor)
-            aux = routing_aux(self.ep, "ffn", id(self), logits_TE, probs_TE, expert_TK, keep_TK, cfg)
+            cf = cfg.capacity_factor_for(self.training)
+            keep_TK = self.ep.capacity_mask(expert_TK, E, cf)
+            aux = routing_aux(self.ep, "ffn", id(self), logits_TE, probs_TE, expert_TK, keep_TK, cfg, cf)
         aux.balance_bias = self.balance.live_bias
         self.balance.observe(expert_TK)
         return expert_TK, weight_TK, keep_TK, aux
@@ -89,7 +90,8 @@ class MoEFFN(nn.Module):
         timer.lap("route")
         # 1. sort kept assignments by expert  2. expert FFNs (across ranks under ep)
         # 3. scale by routing weight and scatter-add into the tokens
-        keep_P = None if self.cfg.dropless else keep_TK.reshape(-1)  # dropless: no mask, no sync
+        dropless = self.cfg.capacity_factor_for(self.training) is None
+        keep_P = None if dropless else keep_TK.reshape(-1)  # dropless: no mask, no sync
         assignment_N, tokens_per_expert_E = sort_by_expert(expert_TK.reshape(-1), keep_P, self.num_experts)
         w_N = weight_TK.reshape(-1).index_select(0, assignment_N)
         if self.ep.size == 1:  # all experts here: steps 1-3 in one op, no [N, D] copies
@@ -124,22 +126,29 @@ def routing_aux(
     expert_TK: torch.Tensor,
     keep_TK: torch.Tensor,
     cfg: MoEConfig,
+    capacity_factor: Optional[float],
     extra_loss: Optional[torch.Tensor] = None,
 ) -> MoEAux:
     """Losses and statistics of one routed call, over the global batch (summed over every
     rank, autograd through the sums), so they equal one process's on the same batch."""
     T, K = expert_TK.shape
     E = logits_TE.shape[1]
-    rows = T * ep.world  # every rank routes the same number of rows
     entropy = cfg.entropy_loss_weight > 0
-    # Every sum over the global batch in one all-reduce: counts, drops, and the loss sums.
-    local = {"counts": torch.bincount(expert_TK.reshape(-1), minlength=E), "dropped": (~keep_TK).sum()}
+    # Every sum over the global batch in one all-reduce: rows, counts, drops, the loss sums.
+    # The row count travels too, so ranks with unequal batches still normalise by the
+    # global batch; clamped to 1 so that a call with no rows gives zero losses, not 0/0.
+    local = {
+        "rows": torch.full((), T, dtype=torch.long, device=expert_TK.device),
+        "counts": torch.bincount(expert_TK.reshape(-1), minlength=E),
+        "dropped": (~keep_TK).sum(),
+    }
     if cfg.lb_loss_weight > 0 or entropy:
         local["probs"] = probs_TE.sum(0)
     if cfg.z_loss_weight > 0:
         local["z"] = torch.logsumexp(logits_TE, dim=-1).square().sum()
     total = dict(zip(local, ep.sum_stats_many(list(local.values()))))
     counts_E = total["counts"]
+    rows = total["rows"].clamp_min(1)
     loss = logits_TE.new_zeros(())
     terms: dict[str, torch.Tensor] = {}
     if cfg.lb_loss_weight > 0:
@@ -160,11 +169,11 @@ def routing_aux(
         loss=loss.float(),
         tokens_per_expert=counts_E.detach(),
         dropped=total["dropped"].detach(),
-        assignments=rows * K,
+        assignments=T * ep.world * K,
         probs_sum=probs_sum,
         num_rows=rows,
         entropy_weight=cfg.entropy_loss_weight,
-        capacity=global_capacity(ep, T, K, E, cfg.capacity_factor),
+        capacity=global_capacity(ep, T, K, E, capacity_factor),
         router_entropy_sum=router_entropy(probs_TE).detach(),
         local_rows=T,
         terms={k: v.detach().float() for k, v in terms.items()},

@@ -45,7 +45,8 @@ def route_topk(
     score="softmax": s = softmax(logits); k >= 2 renormalises the k weights (GShard).
     score="sigmoid": s = sigmoid(logits); weights are the raw scores (sigma-MoE, SwitchHead).
     select_bias_E (aux-loss-free balancing) and exclude_TE (expert dropout: True = not
-    selectable) change which experts are selected, never the weights.
+    selectable; a row where fewer than top_k would remain excludes none) change which
+    experts are selected, never the weights.
     probs_TE is softmax(logits) for both scores: the distribution the balancing losses use.
     """
     probs_TE = torch.softmax(logits_TE, dim=-1)
@@ -54,7 +55,10 @@ def route_topk(
     if select_bias_E is not None:
         select_TE = select_TE + select_bias_E
     if exclude_TE is not None:
-        select_TE = select_TE.masked_fill(exclude_TE, float("-inf"))
+        # A row left with fewer than K selectable experts drops none: the top-k would
+        # otherwise pick excluded (-inf) experts anyway, at full weight.
+        enough_T1 = (~exclude_TE).sum(dim=-1, keepdim=True) >= top_k
+        select_TE = select_TE.masked_fill(exclude_TE & enough_T1, float("-inf"))
     if top_k == 1:  # argmax returns the first maximum: the same tie rule, 10x cheaper on CPU
         expert_TK = select_TE.argmax(dim=-1, keepdim=True)
     else:  # A stable descending sort fixes the tie rule; torch.topk leaves it unspecified.

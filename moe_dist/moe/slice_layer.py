@@ -10,9 +10,13 @@ Legend: T tokens, D model dim, S slices, Ds = D/S slice dim, P = T*S (token, sli
 - The slice sent to expert e is scaled by its weight BEFORE the expert (p_e * h^(s)), and
   experts are biased FFNs on Ds dims: W2 act(W1 x + b1) + b2. A slice's output is the sum over
   its k experts; slices are reassembled in order.
-- Slice capacity loss alpha * CV^2 of per-expert loads. Hard slice counts have no gradient,
-  so the loss uses soft loads (each expert's summed routing weight over the batch, Shazeer
-  et al. 2017's "importance"); the hard counts are logged as tokens_per_expert.
+- Slice capacity loss alpha * CV^2 of per-expert loads: the paper's hard counts (pairs routed
+  to each expert over the global batch) are the loss's value. Counts have no gradient, so the
+  gradient flows through K * importance (each expert's summed FULL softmax probability,
+  Shazeer et al. 2017) by a straight-through estimator, the way Switch's f_i * P_i pairs a
+  hard count with a soft probability. The renormalised top-k weights would not do: they are
+  a softmax over the selected logits only, so an expert no pair selects (the one the loss
+  must revive) would get exactly zero gradient.
 - Cross-slice dropout (training): each of a slice's top-k weights is dropped with
   probability slice_dropout, never all k, and the survivors renormalised to sum 1.
 """
@@ -37,13 +41,18 @@ from moe_dist.parallel.expert_parallel import ExpertParallel
 
 def cross_slice_dropout(weight_PK: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop each weight with probability `rate`, never all of a row (the top choice survives
-    then); renormalise survivors to sum 1. Returns (weights, dropped mask)."""
+    then); renormalise survivors to sum 1. Returns (weights, dropped mask). A row whose
+    survivors' weights sum to exactly 0 (a renormalised top-k weight underflows to 0 once
+    the logit gap passes ~104 in float32) drops nothing: renormalising it would be 0/0."""
     drop_PK = torch.rand_like(weight_PK) < rate
     all_dropped_P1 = drop_PK.all(dim=1, keepdim=True)
     first_col = torch.zeros_like(drop_PK)
     first_col[:, 0] = True
     drop_PK = drop_PK & ~(all_dropped_P1 & first_col)
     w_PK = weight_PK.masked_fill(drop_PK, 0.0)
+    dead_P1 = w_PK.sum(dim=1, keepdim=True) == 0
+    drop_PK = drop_PK & ~dead_P1
+    w_PK = torch.where(dead_P1, weight_PK, w_PK)
     return w_PK / w_PK.sum(dim=1, keepdim=True), drop_PK
 
 
@@ -82,6 +91,14 @@ class SliceMoEFFN(nn.Module):
         if self.ep.size > 1:
             self.experts.shard(*self.ep.local_range(self.num_experts))
 
+    def _straight_through_load(self, expert_PK: torch.Tensor, probs_PE: torch.Tensor) -> torch.Tensor:
+        """[E] loads over the global batch: the value is the hard counts, the gradient that
+        of K * importance (module docstring). Both sums travel in one all-reduce."""
+        counts_E = torch.bincount(expert_PK.reshape(-1), minlength=self.num_experts).to(probs_PE.dtype)
+        counts_E, importance_E = self.ep.sum_stats_many([counts_E, probs_PE.sum(0)])
+        soft_E = self.top_k * importance_E
+        return counts_E + (soft_E - soft_E.detach())
+
     def forward(self, x_BSD: torch.Tensor, x_route_BSD: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, MoEAux]:
         B, S, D = x_BSD.shape
         P, E, K, cfg = B * S * self.num_slices, self.num_experts, self.top_k, self.cfg
@@ -94,12 +111,10 @@ class SliceMoEFFN(nn.Module):
             exclude = torch.rand_like(logits_PE) < cfg.expert_dropout if self.training and cfg.expert_dropout > 0 else None
             bias = self.balance.bias[0] if self.balance.enabled else None
             expert_PK, weight_PK, probs_PE = route_topk(logits_PE, K, "softmax", bias, exclude)
-            keep_PK = self.ep.capacity_mask(expert_PK, E, cfg.capacity_factor)
-            # Soft loads over the global batch (autograd through the sum over ranks).
-            soft_load_E = torch.zeros(E, dtype=weight_PK.dtype, device=weight_PK.device)
-            soft_load_E = self.ep.sum_stats(soft_load_E.index_add(0, expert_PK.reshape(-1), weight_PK.reshape(-1)), grad=True)
-            cv2 = cv_squared(soft_load_E)
-            aux = routing_aux(self.ep, "ffn", id(self), logits_PE, probs_PE, expert_PK, keep_PK, cfg, cfg.slice_cap_loss_weight * cv2)
+            cf = cfg.capacity_factor_for(self.training)
+            keep_PK = self.ep.capacity_mask(expert_PK, E, cf)
+            cv2 = cv_squared(self._straight_through_load(expert_PK, probs_PE))
+            aux = routing_aux(self.ep, "ffn", id(self), logits_PE, probs_PE, expert_PK, keep_PK, cfg, cf, cfg.slice_cap_loss_weight * cv2)
             aux.terms["slice_cv2"] = cv2.detach().float()
             if self.training and cfg.slice_dropout > 0 and K > 1:
                 weight_PK, slice_drop_PK = cross_slice_dropout(weight_PK, cfg.slice_dropout)

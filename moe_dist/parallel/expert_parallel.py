@@ -21,7 +21,6 @@ the same global batch.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
@@ -146,8 +145,11 @@ class ExpertParallel:
         before_KE = gathered[: self.rank].sum(0)  # same (k, e) on lower ranks
         earlier_k_KE = torch.cumsum(total_KE, 0) - total_KE  # all ranks, lower choice rank
         offset_P = (earlier_k_KE + before_KE).reshape(-1)[key_P]
-        # Every rank routes the same number of rows (equal micro-batches): no sync needed.
-        capacity = math.ceil(round(T * self.size * K / E * capacity_factor, 9))
+        # The group's rows from the gathered counts (each row makes K assignments), so ranks
+        # with unequal batches still agree on one capacity; a tensor, so no host sync.
+        # Integer math in float64 rounded like expert_capacity's round-then-ceil.
+        rows = total_KE.sum() // K
+        capacity = torch.ceil(torch.round(rows.double() * K / E * capacity_factor, decimals=9))
         keep_P = (offset_P + local_pos) < capacity
         return keep_P.view(K, T).t()
 

@@ -45,6 +45,8 @@ def extra_file(rank: int) -> str:
 
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+# Files a load reads (DCP's .metadata and shards, per-rank extras and states, the config).
+_LOADED = re.compile(r"^(\.metadata|.*\.distcp|extra_rank\d+\.pt|state_rank\d+\.pt|config\.yaml)$")
 
 
 def step_dir_name(step: int) -> str:
@@ -185,8 +187,20 @@ def verify_checkpoint(path: str, files: Optional[list[str]] = None) -> dict:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: {e}") from None
-    if meta.get("format") not in FORMATS:
-        raise CheckpointError(f"{meta_path}: format {meta.get('format')}, expected one of {FORMATS}")
+    if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
+        got = meta.get("format") if isinstance(meta, dict) else meta
+        raise CheckpointError(f"{meta_path}: format {got}, expected one of {FORMATS}")
+    for key, kind in (("step", int), ("world_size", int), ("ep", int), ("files", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{meta_path}: missing or malformed key '{key}' (expected {kind.__name__})")
+    named = _STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    if named and int(named.group(1)) != meta["step"]:
+        raise CheckpointError(f"{meta_path}: step {meta['step']}, but the directory is {os.path.basename(path)}")
+    # Every file a load reads must be listed, or it would be read unverified.
+    present = os.listdir(path)
+    unlisted = sorted(n for n in present if n != META and _LOADED.match(n) and n not in meta["files"])
+    if unlisted:
+        raise CheckpointError(f"{meta_path} does not list {', '.join(unlisted)}: refusing unverified files")
     for name, want in meta["files"].items():
         file = os.path.join(path, name)
         if not os.path.isfile(file):
@@ -232,6 +246,8 @@ def load_checkpoint(path: str, rank: int = 0, world_size: int = 1, ep: int = 1) 
     meta = verify_checkpoint(path, files=[CONFIG])
     if meta["format"] == 2:
         own = state_file(rank)
+        if own not in meta["files"]:
+            raise CheckpointError(f"checkpoint file missing: {os.path.join(path, own)} (not in {META})")
         verify_checkpoint(path, files=[own])
         if (meta["world_size"], meta["ep"]) != (world_size, ep):
             raise CheckpointError(
@@ -241,6 +257,13 @@ def load_checkpoint(path: str, rank: int = 0, world_size: int = 1, ep: int = 1) 
             )
         return meta, _torch_load(os.path.join(path, own)), read_config(path)
     own = extra_file(rank if meta["world_size"] == world_size else 0)
+    for name in (own, ".metadata"):
+        if name not in meta["files"]:
+            raise CheckpointError(f"checkpoint file missing: {os.path.join(path, name)} (not in {META})")
     # Every DCP file and this rank's extras: a corrupt shard is refused before any load.
     verify_checkpoint(path, files=[own] + [n for n in meta["files"] if not n.startswith(("extra_", "state_"))])
-    return meta, _torch_load(os.path.join(path, own)), read_config(path)
+    extras = _torch_load(os.path.join(path, own))
+    if not isinstance(extras, dict) or extras.get("step") != meta["step"]:
+        got = extras.get("step") if isinstance(extras, dict) else type(extras).__name__
+        raise CheckpointError(f"{os.path.join(path, own)}: step {got}, but {META} says {meta['step']}")
+    return meta, extras, read_config(path)

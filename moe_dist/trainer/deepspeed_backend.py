@@ -202,13 +202,15 @@ def _hide_expert_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 def deepspeed_config(cfg: Config, world_size: int, bf16: bool) -> dict[str, Any]:
     """The config handed to deepspeed.initialize, checked before any data or model work."""
-    if cfg.deepspeed.zero_stage == 0 and bf16 and cfg.parallel.ep > 1:
-        # Measured: 2 ranks, ep=2, 10 steps: ZeRO-1 bf16 stays within 6e-5 of the fp32
-        # torch-backend losses; stage 0 bf16 (DeepSpeed's BF16_Optimizer) drifts to 4e-3.
+    if cfg.deepspeed.zero_stage == 0 and bf16:
+        # Stage 0 + bf16 wraps our AdamW in DeepSpeed's FP16_UnfusedOptimizer, which has no
+        # per-parameter (hp-param) state to save: the first checkpoint would crash after
+        # training. Measured too: 2 ranks, ep=2, 10 steps: ZeRO-1 bf16 stays within 6e-5 of
+        # the fp32 torch-backend losses, stage 0 bf16 drifts to 4e-3.
         raise ConfigError(
-            "deepspeed.zero_stage=0 with bf16 and sharded experts (parallel.ep>1) is not supported: "
-            "DeepSpeed's stage-0 BF16_Optimizer does not reproduce the reference gradients with "
-            "expert parameters; use deepspeed.zero_stage>=1 or train.backend=torch"
+            "deepspeed.zero_stage=0 with bf16 is not supported: DeepSpeed's stage-0 bf16 optimizer "
+            "cannot be checkpointed per parameter and does not reproduce the reference gradients "
+            "with expert parameters; use deepspeed.zero_stage>=1, train.dtype=fp32, or train.backend=torch"
         )
     ds_cfg = generate_config(cfg, world_size, bf16)
     if cfg.deepspeed.config:

@@ -21,6 +21,8 @@ class MetricsLogger:
     def __init__(self, run_dir: str, tensorboard: bool, resume_step: Optional[int]):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.tb_dir = os.path.join(run_dir, "tb")
+        self.unreadable_rows = 0
+        """Rows dropped on resume because they were not JSON (a crash mid-append)."""
         if resume_step is None:
             open(self.path, "w").close()
         else:
@@ -40,7 +42,17 @@ class MetricsLogger:
         kept = []
         with open(self.path) as f:
             for line in f:
-                if line.strip() and json.loads(line)["step"] <= step:
+                if not line.strip():
+                    continue
+                try:
+                    row_step = json.loads(line)["step"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    # A partial row from a crash (or full disk) during the append: it comes
+                    # after the checkpoint by construction, so it goes like the other rows
+                    # after it. Counted, and the trainer warns.
+                    self.unreadable_rows += 1
+                    continue
+                if row_step <= step:
                     kept.append(line if line.endswith("\n") else line + "\n")
         with open(self.path, "w") as f:
             f.writelines(kept)

@@ -10,6 +10,7 @@ RNG, so a resumed run computes bit-for-bit the same steps as an uninterrupted on
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import math
 import os
@@ -41,6 +42,19 @@ from moe_dist.trainer.traffic import TrafficMonitor, peak_tflops, set_timing
 # Config sections that must match between a checkpoint and the run resuming it.
 _MUST_MATCH = ("model", "moe", "attention")
 _MAY_DIFFER = {"moe.grouped_mm"}  # an implementation choice, not a model change
+# Single keys that must match too. The optimizer's: a resume loads AdamW's hyper-parameters
+# and the schedule's base lr from the checkpoint but rebuilds the schedule's shape from the
+# config, so a change would train with neither (Megatron refuses these too, unless told to
+# override). The data stream's: the loader position counts windows of one tokenization,
+# order and split; another corpus, tokenizer, seq_len, seed or worker count would resume
+# into a different stream (or crash inside torchdata). train.max_steps and optim.grad_clip
+# may change: they are read from the config every step.
+_MUST_MATCH_KEYS = tuple(
+    [f"optim.{k}" for k in ("lr", "min_lr", "schedule", "warmup_steps", "weight_decay", "beta1", "beta2", "eps")]
+    + ["run.seed"]
+    + [f"data.{k}" for k in ("source", "tokenizer", "vocab_size", "seq_len", "val_fraction", "text_field",
+                             "max_docs", "samples_per_shard", "shuffle", "rank_split", "num_workers")]
+)
 # A checkpoint resumes only under the same backend settings: ZeRO-0 fp32 writes torch-format
 # optimizer state, ZeRO-1/2/3 their own per-parameter keys, and cross-resume is not tested.
 _BACKEND_KEYS = ("train.backend", "deepspeed.zero_stage", "deepspeed.offload_optimizer")
@@ -87,6 +101,12 @@ def _config_diff(old: dict, new: dict) -> list[str]:
             a, b = old.get(section, {}).get(key), new.get(section, {}).get(key)
             if full not in _MAY_DIFFER and a != b:
                 diffs.append(f"{full}: checkpoint {a!r}, config {b!r}")
+    for full in _MUST_MATCH_KEYS:
+        section, key = full.split(".")
+        if key in old.get(section, {}):  # keys newer than the checkpoint keep their defaults
+            a, b = old[section][key], new[section][key]
+            if a != b:
+                diffs.append(f"{full}: checkpoint {a!r}, config {b!r}")
     return diffs
 
 
@@ -108,6 +128,15 @@ def _rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _seed_forward_rng(seed: int, rank: int, step: int = 0) -> None:
+    """Every rank builds the model from the same seed (identical replicas), then draws its
+    own forward randomness (dropout, expert dropout, cross-slice dropout) from a stream of
+    its own: with one seed everywhere, rank r's row i would get rank 0's row-i masks, the
+    same noise `world` times over instead of independent draws over the global batch.
+    Each rank's stream is saved in its own checkpoint extras, so resume stays exact."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0]))
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -145,7 +174,8 @@ class Trainer:
             )
             if diffs:
                 raise CheckpointError(
-                    f"checkpoint {self.resume_path} was written by a different model config: " + "; ".join(diffs)
+                    f"checkpoint {self.resume_path} was written by a different config (these keys must match "
+                    "to resume): " + "; ".join(diffs)
                 )
             self._check_reshard(resume_meta)
 
@@ -172,6 +202,7 @@ class Trainer:
         np.random.seed(cfg.run.seed)
         self.model = LM(cfg, vocab, self.layout).to(self.device)
         self.backend = build_backend(self.model, cfg, self.layout, self.device, self.ds_config)
+        _seed_forward_rng(cfg.run.seed, self.layout.rank)
         if getattr(self.backend, "summary", None):
             self.log(self.backend.summary)
         # rank_split=shards: each rank streams its own shards (webdataset's split_by_node).
@@ -199,7 +230,10 @@ class Trainer:
             import torch.distributed as dist
 
             # One-process DeepSpeed runs have a (one-rank) default group too: keep DCP off it.
-            self._async_group = dist.new_group(backend="gloo") if dist.is_initialized() else True
+            self._async_group = (
+                dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
+                if dist.is_initialized() else True
+            )  # timeout: a stalled peer's background write fails in timeout_s, not torch's 30 min
         if resume_state is not None:
             self._load_state(resume_state, resume_meta)
             self.log(f"resumed from {self.resume_path} (step {resume_meta['step']})")
@@ -210,6 +244,9 @@ class Trainer:
             self.metrics = MetricsLogger(
                 self.run_dir, cfg.logging.tensorboard, self.step if self.resume_path else None
             )
+            if self.metrics.unreadable_rows:
+                self.log(f"warning: dropped {self.metrics.unreadable_rows} unreadable row(s) of "
+                         f"{self.metrics.path} (a write cut short by the crash)")
 
     def _traffic_monitor(self) -> Optional[TrafficMonitor]:
         """The expert-traffic window (logging.moe_stats_every), on every rank: it is collective."""
@@ -312,6 +349,9 @@ class Trainer:
         self.train_loader.load_state_dict(state["train_loader"])
         _set_rng_state(state["rng"])
         self.step = int(state["step"])
+        if meta["world_size"] != self.layout.world_size:
+            # Resharded: every rank read rank 0's extras; give each its own stream again.
+            _seed_forward_rng(self.cfg.run.seed, self.layout.rank, self.step)
 
     def _autocast(self):
         if self.autocast_dtype is None:
