@@ -341,10 +341,15 @@ class ParallelConfig:
     replicated on every rank (no attention all-to-all; see docs/expert_parallel.md)."""
     timeout_s: float = 300.0
     """Collective timeout: a rank that waits longer for its peers fails with an error."""
+    wait_timeout_s: float = 3600.0
+    """How long the other ranks wait for rank 0's one-rank work, whose length grows with the
+    corpus or the checkpoint, not the step: preparing the data, checksumming a checkpoint.
+    A rank that dies is still seen at once (its connections close); a hung one after this."""
 
     def validate(self) -> None:
         _require(self.ep >= 1, "parallel.ep", "must be >= 1")
         _require(self.timeout_s > 0, "parallel.timeout_s", "must be > 0")
+        _require(self.wait_timeout_s > 0, "parallel.wait_timeout_s", "must be > 0")
 
 
 @dataclass

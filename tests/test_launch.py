@@ -5,6 +5,7 @@ or hangs ends the whole job with a clear error in bounded time."""
 import json
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -97,3 +98,39 @@ def test_a_dead_or_hung_rank_ends_the_job(fault, tmp_path):
         assert "error: rank 0: a collective failed at step 4; another rank died or hangs" in p.stderr
     else:
         assert "exitcode  : -9" in p.stderr or "Signal 9" in p.stderr or "SIGKILL" in p.stderr
+
+
+SLOW_RANK0 = """
+import os, runpy, sys, time
+import moe_dist.trainer.checkpoint as ckpt
+import moe_dist.trainer.trainer as trainer
+if os.environ["RANK"] == "0":  # rank 0's one-rank work takes longer than parallel.timeout_s
+    prepare, sha = trainer.ensure_prepared, ckpt.sha256_file
+    calls = []
+    def slow_prepare(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:  # the preparation the others wait for
+            time.sleep(8)
+        return prepare(*a, **k)
+    def slow_sha(path):
+        time.sleep(1.5)
+        return sha(path)
+    trainer.ensure_prepared, ckpt.sha256_file = slow_prepare, slow_sha
+sys.argv = ["moe_dist.train", *sys.argv[1:]]
+runpy.run_module("moe_dist.train", run_name="__main__")
+"""
+
+
+def test_rank0_alone_may_take_longer_than_the_collective_timeout(tmp_path):
+    """Data preparation and checkpoint checksums grow with the corpus and the checkpoint,
+    not the step: the other ranks wait for them on the wait group (parallel.wait_timeout_s),
+    not under parallel.timeout_s (5 s here; rank 0 takes 8 s and 6 x 1.5 s)."""
+    driver = tmp_path / "slow_rank0.py"
+    driver.write_text(SLOW_RANK0)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(driver), *BASE, f"run.dir={tmp_path / 'run'}", "parallel.timeout_s=5", "train.max_steps=2",
+           "checkpoint.every=2"]
+    p = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "run" / "checkpoints" / "step_00000002" / "meta.json")

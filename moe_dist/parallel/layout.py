@@ -44,6 +44,10 @@ class ParallelLayout:
     """ProcessGroup of this rank's ep group (None when ep == 1)."""
     edp_group: Any = None
     """ProcessGroup of this rank's expert-data-parallel group (None when dp == 1)."""
+    wait_group: Any = None
+    """A gloo group over the world with the long parallel.wait_timeout_s: the other ranks
+    wait on it while rank 0 alone prepares data or checksums a checkpoint (None: one rank,
+    or the default group when built without a wait timeout)."""
 
     @property
     def dp(self) -> int:
@@ -93,12 +97,16 @@ class ParallelLayout:
                     raise LaunchError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun")
             backend = "nccl" if device_type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-        return cls.build(rank, world, local_rank, cfg.ep, timeout_s)
+        return cls.build(rank, world, local_rank, cfg.ep, timeout_s, cfg.wait_timeout_s)
 
     @classmethod
-    def build(cls, rank: int, world: int, local_rank: int, ep: int, timeout_s: Optional[float] = None) -> "ParallelLayout":
+    def build(
+        cls, rank: int, world: int, local_rank: int, ep: int, timeout_s: Optional[float] = None,
+        wait_timeout_s: Optional[float] = None,
+    ) -> "ParallelLayout":
         """Create the ep and expert-data-parallel groups (every rank must call this). Their
-        collectives wait at most timeout_s for a peer (new groups default to 30 minutes)."""
+        collectives wait at most timeout_s for a peer (new groups default to 30 minutes);
+        the wait group's wait_timeout_s."""
         dp = world // ep
         timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
         ep_group = edp_group = None
@@ -113,7 +121,11 @@ class ParallelLayout:
             group = dist.new_group(ranks, timeout=timeout) if dp > 1 else None
             if rank in ranks:
                 edp_group = group
-        return cls(rank=rank, world_size=world, local_rank=local_rank, ep=ep, ep_group=ep_group, edp_group=edp_group)
+        wait_group = None
+        if wait_timeout_s:
+            wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=wait_timeout_s))
+        return cls(rank=rank, world_size=world, local_rank=local_rank, ep=ep, ep_group=ep_group, edp_group=edp_group,
+                   wait_group=wait_group)
 
 
 _MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")

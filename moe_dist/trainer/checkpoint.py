@@ -66,11 +66,13 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _barrier(layout) -> None:
+def _barrier(layout, wait: bool = False) -> None:
+    """wait=True: the others wait for rank 0's checksums, which grow with the checkpoint,
+    so on the layout's long-timeout wait group."""
     if layout is not None and layout.distributed:
         import torch.distributed as dist
 
-        dist.barrier()
+        dist.barrier(group=layout.wait_group if wait else None)
 
 
 def write_rank_file(tmp: str, name: str, obj: Any) -> None:
@@ -108,7 +110,7 @@ def start_save(ckpt_root: str, step: int, write: Callable[[str], Any], layout=No
             if name.startswith(".tmp-"):
                 shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
         os.makedirs(tmp)
-    _barrier(layout)
+    _barrier(layout, wait=True)  # rank 0 may be removing a large crashed save
     return tmp, write(tmp)
 
 
@@ -164,7 +166,7 @@ def finish_save(
                 if keep_every > 0 and old % keep_every == 0:
                     continue
                 shutil.rmtree(os.path.join(ckpt_root, step_dir_name(old)), ignore_errors=True)
-    _barrier(layout)
+    _barrier(layout, wait=True)
     return final
 
 

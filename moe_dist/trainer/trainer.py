@@ -273,7 +273,7 @@ class Trainer:
                 ensure_prepared(self.cfg.data, log=self.log)
             except MoeDistError as e:
                 error = [str(e)]
-        dist.broadcast_object_list(error, src=0)
+        dist.broadcast_object_list(error, src=0, group=self.layout.wait_group)  # rank 0 may take long
         if error[0] is not None:
             raise DataError(error[0])
         return ensure_prepared(self.cfg.data, log=self.log)
