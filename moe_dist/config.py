@@ -137,7 +137,8 @@ class MoEConfig:
     z_loss_weight: float = 0.001
     """beta of the router z-loss beta * mean(logsumexp(logits)^2)."""
     expert_init_scale: float = 1.0
-    """Multiplies the init std of expert weights (Switch Transformer uses 0.1)."""
+    """Multiplies the init std of the routed experts' weights only (Switch Transformer's
+    smaller init, 0.1, applies to every weight; docs/architectures.md)."""
     grouped_mm: Literal["auto", "triton", "torch", "loop"] = "auto"
     """Local expert compute: our Triton kernels (CUDA), torch._grouped_mm, a per-expert loop,
     or auto (see ops/grouped_mm)."""
@@ -145,7 +146,8 @@ class MoEConfig:
     """sigma-MoE/MoEUT entropy regulariser weight: sum_e p_e log p_e of the batch-mean router
     softmax, pooled over all repeats of a shared layer."""
     expert_dropout: float = 0.0
-    """Training only: each (token, expert) is excluded from selection with this probability."""
+    """Training only: each (token, expert) is excluded from selection with this probability
+    (sigma-MoE's expert dropout; not Switch's dropout inside the experts)."""
     bias_update_rate: float = 0.0
     """Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the selection scores
     only, moved by this rate toward balance after every step; 0 = off."""

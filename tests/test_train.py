@@ -186,6 +186,32 @@ def test_resume_refuses_other_model_and_corrupt_checkpoint(tmp_path, capsys):
     assert "resumed from" in out and "step_00000002 (step 2)" in out
 
 
+def test_an_edited_corpus_is_prepared_anew_and_refused_on_resume(tmp_path, capsys):
+    """The cache key holds the source files' names, sizes and mtimes; a checkpoint holds its
+    data's manifest sha256. Adding a document under the same data.source gives new shards,
+    and resuming the old position in them is refused."""
+    from test_data import write_txt_corpus
+
+    from moe_dist.config import DataConfig
+    from moe_dist.data.cache import default_data_dir
+
+    corpus = tmp_path / "corpus"
+    write_txt_corpus(corpus, n_docs=8)
+    spec = DataConfig(source=str(corpus), tokenizer="bytes", seq_len=32)
+    before = default_data_dir(spec)
+    assert default_data_dir(spec) == before  # stable while nothing changes
+    args = TINY + [f"run.dir={tmp_path / 'run'}", f"data.source={corpus}", "data.tokenizer=bytes", "data.max_docs=null",
+                   "train.eval_every=0", "checkpoint.every=2"]
+    assert main(args + ["train.max_steps=2"]) == 0
+    (corpus / "doc_new.txt").write_text("A new document. " * 50)
+    assert default_data_dir(spec) != before
+    capsys.readouterr()
+    assert main(args + ["train.max_steps=4", "train.resume=auto"]) == 2
+    captured = capsys.readouterr()
+    assert "preparing data.source=" in captured.out  # the edited corpus, into a new directory
+    assert "was trained on other data" in captured.err and f"did the files of data.source={corpus} change?" in captured.err
+
+
 def test_checkpoint_metadata_is_validated(tmp_path):
     """meta.json must list every file a load reads and agree with the directory's step."""
     import shutil

