@@ -440,6 +440,11 @@ class Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         m, moe = self.model, self.moe
+        if self.train.backend != "deepspeed":  # symmetric with train.fsdp under deepspeed
+            _require(self.deepspeed.config is None, "deepspeed.config",
+                     "is a deepspeed-backend option; set train.backend=deepspeed or remove it")
+            _require(not self.deepspeed.offload_optimizer, "deepspeed.offload_optimizer",
+                     "is a deepspeed-backend option; set train.backend=deepspeed or remove it")
         if m.group_size is not None and m.ffn != "dense":
             # Blocks are shared per position in the group: the MoE pattern repeats with the
             # group, so "every every-th applied layer" needs every | group_size.

@@ -55,8 +55,9 @@ def main(argv=None) -> int:
                 raise
             # gloo/nccl report a dead peer ("Connection closed by peer") or a hung one (a
             # timeout after parallel.timeout_s) as RuntimeError/DistBackendError.
+            where = f"at step {trainer.step + 1}" if trainer.saving is None else f"in the save of step {trainer.saving}"
             print(
-                f"error: rank {trainer.layout.rank}: a collective failed at step {trainer.step + 1}; another "
+                f"error: rank {trainer.layout.rank}: a collective failed {where}; another "
                 f"rank died or hangs (waits are bounded by parallel.timeout_s={cfg.parallel.timeout_s:g}): "
                 f"{str(e).splitlines()[0][:300]}",
                 file=sys.stderr,

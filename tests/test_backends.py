@@ -135,7 +135,7 @@ def test_bf16_zero1_trains_close_to_fp32(one_process, tmp_path):
 
 
 def cfg(*overrides):
-    return load_config(None, list(overrides))
+    return load_config(None, ["train.backend=deepspeed", *overrides])
 
 
 def test_generated_config_follows_the_yaml():
@@ -183,6 +183,11 @@ def test_refusals_are_named():
         cfg("deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true")
     with pytest.raises(ConfigError, match="deepspeed.zero_stage: must be 0, 1, 2 or 3"):
         cfg("deepspeed.zero_stage=4")
+    # And the other way round: a DeepSpeed setting under the torch backend would be ignored.
+    for key in ("deepspeed.config=/some/ds.json", "deepspeed.offload_optimizer=true"):
+        name = key.split("=")[0]
+        with pytest.raises(ConfigError, match=f"{name}: is a deepspeed-backend option; set train.backend=deepspeed"):
+            load_config(None, ["train.backend=torch", key])
 
 
 def test_cli_contradicting_json_exits_2_before_work(tmp_path):

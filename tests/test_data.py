@@ -172,8 +172,11 @@ def test_split_by_rank_and_worker_is_a_partition(prepared):
 def test_too_many_consumers_is_an_error(prepared):
     data_dir, manifest = prepared
     n = len(manifest["splits"]["train"]["shards"])
-    with pytest.raises(DataError, match=rf"{n} shard\(s\) cannot feed {n + 1} rank\(s\) x 1 worker"):
-        all_windows(data_dir, manifest, n, n + 1, 0)
+    # Refused when the loader is built (the shard count is known), not at the first batch.
+    with pytest.raises(DataError, match=rf"{n} train shard\(s\) in {data_dir} cannot feed {n + 1} rank\(s\) x 1 worker"):
+        build_loader(data_dir, manifest, "train", 64, 1, rank=n, world=n + 1)
+    with pytest.raises(DataError, match=rf"cannot feed 1 rank\(s\) x {n + 1} worker"):
+        build_loader(data_dir, manifest, "train", 64, 1, num_workers=n + 1)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -86,16 +86,18 @@ def test_two_nodes_on_one_machine(reference, tmp_path):
     assert p.stderr.strip() == "error: NNODES=2 needs NODE_RANK (0..1) on every node, or RDZV_ENDPOINT"
 
 
-@pytest.mark.parametrize("fault", ["kill_rank:1:3", "hang_rank:1:3"])
-def test_a_dead_or_hung_rank_ends_the_job(fault, tmp_path):
+@pytest.mark.parametrize("fault, every", [("kill_rank:1:3", 0), ("hang_rank:1:3", 0), ("hang_rank:1:3", 3)])
+def test_a_dead_or_hung_rank_ends_the_job(fault, every, tmp_path):
     t0 = time.monotonic()
-    p = launch("torchrun.sh", tmp_path / "run", "parallel.timeout_s=10", env={"NPROC": "2", "MOE_DIST_FAULT": fault})
+    p = launch("torchrun.sh", tmp_path / "run", "parallel.timeout_s=10", f"checkpoint.every={every}",
+               env={"NPROC": "2", "MOE_DIST_FAULT": fault})
     elapsed = time.monotonic() - t0
     assert p.returncode != 0
     assert elapsed < 120, elapsed
     if fault.startswith("hang"):
         # rank 0 waits at most parallel.timeout_s, then says why and exits
-        assert "error: rank 0: a collective failed at step 4; another rank died or hangs" in p.stderr
+        where = "in the save of step 3" if every else "at step 4"
+        assert f"error: rank 0: a collective failed {where}; another rank died or hangs" in p.stderr
     else:
         assert "exitcode  : -9" in p.stderr or "Signal 9" in p.stderr or "SIGKILL" in p.stderr
 

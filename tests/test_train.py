@@ -147,6 +147,29 @@ def test_cli_bad_config_exits_2_with_named_key(tmp_path):
     )
 
 
+def test_triton_on_cpu_is_refused_before_work(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # test_kernels sets it
+    p = subprocess.run(
+        [sys.executable, "-m", "moe_dist.train", *TINY, f"run.dir={tmp_path}", "run.device=cpu", "moe.grouped_mm=triton"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert p.returncode == 2 and p.stdout == ""  # nothing prepared, nothing built
+    assert p.stderr.strip() == "error: moe.grouped_mm=triton needs a CUDA device (this run is on cpu); use auto, torch or loop"
+
+
+def test_local_rank_beyond_the_visible_gpus_is_a_launch_error(monkeypatch):
+    import torch
+
+    from moe_dist.errors import LaunchError
+    from moe_dist.trainer.trainer import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(LaunchError, match=r"LOCAL_RANK=2 but this node has 2 visible CUDA device\(s\)"):
+        resolve_device(load_config(None, ["run.device=cuda"]))
+
+
 def test_unwritable_run_dir(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
@@ -210,6 +233,15 @@ def test_an_edited_corpus_is_prepared_anew_and_refused_on_resume(tmp_path, capsy
     captured = capsys.readouterr()
     assert "preparing data.source=" in captured.out  # the edited corpus, into a new directory
     assert "was trained on other data" in captured.err and f"did the files of data.source={corpus} change?" in captured.err
+
+
+def test_a_fresh_start_in_a_used_run_dir_starts_its_logs_over(tmp_path):
+    run = tmp_path / "run"
+    args = TINY + [f"run.dir={run}", "train.eval_every=0", "checkpoint.every=0", "checkpoint.save_final=false"]
+    assert main(args + ["train.max_steps=3"]) == 0
+    assert main(args + ["train.max_steps=2"]) == 0
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+    assert len([n for n in os.listdir(run / "tb") if n.startswith("events.out.tfevents.")]) == 1
 
 
 def test_checkpoint_metadata_is_validated(tmp_path):

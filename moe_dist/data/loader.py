@@ -175,6 +175,13 @@ def build_loader(
     """A StatefulDataLoader of [batch_size, seq_len + 1] int64 batches."""
     from torchdata.stateful_dataloader import StatefulDataLoader
 
+    n = len(manifest["splits"][split]["shards"])
+    if n < world * max(1, num_workers):  # TokenStream's check, here before any work
+        raise DataError(
+            f"{n} {split} shard(s) in {data_dir} cannot feed {world} rank(s) x {max(1, num_workers)} "
+            "worker(s): lower data.samples_per_shard (and prepare again) or data.num_workers"
+        )
+
     # torchdata 0.11 calls a torch API that torch 2.13 deprecated; the call is harmless.
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
     dataset = TokenStream(

@@ -110,7 +110,8 @@ def start_save(ckpt_root: str, step: int, write: Callable[[str], Any], layout=No
             if name.startswith(".tmp-"):
                 shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
         os.makedirs(tmp)
-    _barrier(layout, wait=True)  # rank 0 may be removing a large crashed save
+    # The default group's timeout: a peer that hangs before a save is caught here.
+    _barrier(layout)
     return tmp, write(tmp)
 
 

@@ -2,7 +2,8 @@
 
 On resume from step s, rows after s (written by the run that crashed after its last
 checkpoint) are removed from metrics.jsonl and TensorBoard is told to purge events after s,
-so the files read as one uninterrupted run.
+so the files read as one uninterrupted run. A fresh start in a used run directory empties
+metrics.jsonl and removes the old TensorBoard event files.
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ class MetricsLogger:
         self.tb_dir = os.path.join(run_dir, "tb")
         self.unreadable_rows = 0
         """Rows dropped on resume because they were not JSON (a crash mid-append)."""
-        if resume_step is None:
+        if resume_step is None:  # a fresh run: the run directory's logs start over
             open(self.path, "w").close()
+            if os.path.isdir(self.tb_dir):  # or TensorBoard would draw both runs on one axis
+                for name in os.listdir(self.tb_dir):
+                    if name.startswith("events.out.tfevents."):
+                        os.remove(os.path.join(self.tb_dir, name))
         else:
             self._truncate_after(resume_step)
         self._file = open(self.path, "a")

@@ -78,9 +78,17 @@ def resolve_device(cfg: Config) -> torch.device:
     if cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("run.device: cuda requested but no CUDA device is available")
-        local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        local = os.environ.get("LOCAL_RANK", "0") or "0"
+        count = torch.cuda.device_count()
+        if not local.isdigit() or int(local) >= count:
+            raise LaunchError(
+                f"LOCAL_RANK={local} but this node has {count} visible CUDA device(s): launch at most "
+                f"{count} process(es) per node (NPROC), one per GPU"
+            )
+        torch.cuda.set_device(int(local))
+        return torch.device("cuda", int(local))
+    if cfg.moe.grouped_mm == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("moe.grouped_mm=triton needs a CUDA device (this run is on cpu); use auto, torch or loop")
     return torch.device("cpu")
 
 
@@ -128,7 +136,9 @@ def _backend_diff(old: dict, new: dict) -> list[str]:
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's own device only: a resume with another number of visible devices, or
+        # resharded onto more ranks, still restores it.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -146,7 +156,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # written by earlier versions: one per visible device
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 class Trainer:
@@ -236,6 +250,8 @@ class Trainer:
         )
         self.step = 0
         self._pending_save = None
+        self.saving: Optional[int] = None
+        """The step whose checkpoint is being written, while a save runs."""
         # checkpoint.async_save: DCP's background writer coordinates over its own gloo group.
         self._async_group = None
         if cfg.checkpoint.async_save:
@@ -377,6 +393,7 @@ class Trainer:
         checkpoint.async_save the files are written in the background and the directory
         appears when finish_pending_save() runs (at the next save or the end of fit)."""
         self.finish_pending_save()
+        self.saving = self.step  # for the failure message, until the save returns
         before = (lambda _tmp: _kill_self()) if _fault("kill_in_save", self.step) else None
         config_yaml = yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
         L, c = self.layout, self.cfg.checkpoint
@@ -407,18 +424,22 @@ class Trainer:
             self.ckpt_dir, step, tmp, config_yaml, c.keep_last, before, L, meta, c.keep_every
         )
         if future is None:
-            return finish()
-        self._pending_save = (future, finish)
+            path = finish()
+            self.saving = None
+            return path
+        self._pending_save = (future, finish, step)
+        self.saving = None
         return os.path.join(self.ckpt_dir, ckpt.step_dir_name(step))
 
     def finish_pending_save(self) -> None:
         """Wait for this rank's background write, then make the checkpoint visible (collective)."""
         if self._pending_save is None:
             return
-        future, finish = self._pending_save
+        future, finish, self.saving = self._pending_save
         self._pending_save = None
         future.result()  # re-raises a failed write
         finish()
+        self.saving = None
 
     def _expert_layout(self) -> dict[str, list[list[int]]]:
         """Per stacked expert tensor, [first global id, rows] on each ep rank (for meta.json)."""
