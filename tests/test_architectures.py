@@ -349,6 +349,19 @@ def test_slice_capacity_loss_and_cross_slice_dropout():
     assert torch.equal(out, w) and not dropped[:, 0].any() and dropped[:, 1].any()
 
 
+def test_a_slice_weight_dropped_by_dropout_takes_no_capacity_slot():
+    """Capacity 2 per expert (4 slices x top-2 / 2 experts x cf 0.5). Slice 0's choice of
+    expert 0 is dropped by cross-slice dropout, so slices 1 and 2 fill expert 0, not 0 and 1
+    with slice 0's slot wasted."""
+    from moe_dist.parallel.expert_parallel import ExpertParallel
+
+    expert = torch.tensor([[0, 1]] * 4)
+    active = torch.tensor([[False, True], [True, True], [True, True], [True, True]])
+    keep = ExpertParallel().capacity_mask(expert, 2, 0.5, active)
+    assert keep.tolist() == [[False, True], [True, True], [True, False], [False, False]]
+    assert ExpertParallel().capacity_mask(expert, 2, None, active).tolist() == active.tolist()  # dropless
+
+
 def test_slice_capacity_loss_value_is_hard_counts_and_gradient_reaches_every_expert():
     """The paper's CV^2 of hard counts is the value; its straight-through gradient (through
     K x the full softmax mass) reaches an expert that no pair selected, which the top-k

@@ -164,6 +164,12 @@ def _capacity_worker(rank, world):
     got = ep.capacity_mask(expert_global[rank * 6 : (rank + 1) * 6], 4, 0.75)
     assert torch.equal(got, want[rank * 6 : (rank + 1) * 6])
     assert (~want).sum() > 0  # the case has drops
+    # Assignments that will not be computed (cross-slice dropout) take no slot.
+    active = torch.rand(world * 6, 2, generator=g) > 0.3
+    want = ExpertParallel().capacity_mask(expert_global, 4, 0.75, active)
+    got = ep.capacity_mask(expert_global[rank * 6 : (rank + 1) * 6], 4, 0.75, active[rank * 6 : (rank + 1) * 6])
+    assert torch.equal(got, want[rank * 6 : (rank + 1) * 6])
+    assert not (want & ~active).any()
 
 
 def test_capacity_matches_one_process():

@@ -111,15 +111,21 @@ class SliceMoEFFN(nn.Module):
             exclude = torch.rand_like(logits_PE) < cfg.expert_dropout if self.training and cfg.expert_dropout > 0 else None
             bias = self.balance.bias[0] if self.balance.enabled else None
             expert_PK, weight_PK, probs_PE = route_topk(logits_PE, K, "softmax", bias, exclude)
-            cf = cfg.capacity_factor_for(self.training)
-            keep_PK = self.ep.capacity_mask(expert_PK, E, cf)
-            cv2 = cv_squared(self._straight_through_load(expert_PK, probs_PE))
-            aux = routing_aux(self.ep, "ffn", id(self), logits_PE, probs_PE, expert_PK, keep_PK, cfg, cf, cfg.slice_cap_loss_weight * cv2)
-            aux.terms["slice_cv2"] = cv2.detach().float()
+            slice_drop_PK = None
             if self.training and cfg.slice_dropout > 0 and K > 1:
                 weight_PK, slice_drop_PK = cross_slice_dropout(weight_PK, cfg.slice_dropout)
-                aux.skipped = (keep_PK & slice_drop_PK).sum()  # counted, never silent
-                keep_PK = keep_PK & ~slice_drop_PK  # a zero-weight row is not worth computing
+            cf = cfg.capacity_factor_for(self.training)
+            # A weight dropped by cross-slice dropout is not computed, so it takes no slot.
+            active_PK = None if slice_drop_PK is None else ~slice_drop_PK
+            keep_PK = self.ep.capacity_mask(expert_PK, E, cf, active_PK)
+            cv2 = cv_squared(self._straight_through_load(expert_PK, probs_PE))
+            # Drops counted are capacity drops only: the dropout ones are `skipped`.
+            capacity_keep_PK = keep_PK if slice_drop_PK is None else keep_PK | slice_drop_PK
+            aux = routing_aux(self.ep, "ffn", id(self), logits_PE, probs_PE, expert_PK, capacity_keep_PK, cfg, cf,
+                              cfg.slice_cap_loss_weight * cv2)
+            aux.terms["slice_cv2"] = cv2.detach().float()
+            if slice_drop_PK is not None:
+                aux.skipped = slice_drop_PK.sum()  # counted, never silent
         aux.balance_bias = self.balance.live_bias
         self.balance.observe(expert_PK)
         timer.lap("route")

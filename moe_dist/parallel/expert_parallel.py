@@ -117,19 +117,30 @@ class ExpertParallel:
         return out
 
     def capacity_mask(
-        self, expert_TK: torch.Tensor, num_experts: int, capacity_factor: Optional[float]
+        self,
+        expert_TK: torch.Tensor,
+        num_experts: int,
+        capacity_factor: Optional[float],
+        active_TK: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Boolean [T, K]: the assignments one process would keep on the ep group's
         concatenated batch (ranks in order). Priority: choice rank k first, then position in
-        that concatenation (router.py). Capacity = ceil(T_group * K / E * cf)."""
+        that concatenation (router.py). Capacity = ceil(T_group * K / E * cf).
+        active_TK (SliceMoE's cross-slice dropout): assignments that will not be computed
+        take no slot and are not kept; the capacity still counts every row."""
         if capacity_factor is None or capacity_factor == 0:
-            return torch.ones_like(expert_TK, dtype=torch.bool)
+            keep = torch.ones_like(expert_TK, dtype=torch.bool)
+            return keep if active_TK is None else active_TK.clone()
         T, K = expert_TK.shape
+        if active_TK is not None:  # inactive ones queue for an extra expert id, E
+            expert_TK = expert_TK.masked_fill(~active_TK, num_experts)
         if self.size == 1:
             from moe_dist.moe.router import expert_capacity
 
-            return local_capacity_mask(expert_TK, num_experts, expert_capacity(T, K, num_experts, capacity_factor))
-        E = num_experts
+            capacity = expert_capacity(T, K, num_experts, capacity_factor)
+            keep = local_capacity_mask(expert_TK, num_experts + 1, capacity)
+            return keep if active_TK is None else keep & active_TK
+        E = num_experts + 1  # the ids, with the extra one (empty without active_TK)
         # Key (k, e) of every assignment in priority order (k-major, then token).
         key_P = (torch.arange(K, device=expert_TK.device).unsqueeze(1) * E + expert_TK.t()).reshape(-1)
         counts_KE = torch.bincount(key_P, minlength=K * E)
@@ -149,9 +160,10 @@ class ExpertParallel:
         # with unequal batches still agree on one capacity; a tensor, so no host sync.
         # Integer math in float64 rounded like expert_capacity's round-then-ceil.
         rows = total_KE.sum() // K
-        capacity = torch.ceil(torch.round(rows.double() * K / E * capacity_factor, decimals=9))
+        capacity = torch.ceil(torch.round(rows.double() * K / num_experts * capacity_factor, decimals=9))
         keep_P = (offset_P + local_pos) < capacity
-        return keep_P.view(K, T).t()
+        keep = keep_P.view(K, T).t()
+        return keep if active_TK is None else keep & active_TK
 
     # -- dispatch ------------------------------------------------------------------------
 
