@@ -143,8 +143,12 @@ class MoEConfig:
     """Local expert compute: our Triton kernels (CUDA), torch._grouped_mm, a per-expert loop,
     or auto (see ops/grouped_mm)."""
     entropy_loss_weight: float = 0.0
-    """sigma-MoE/MoEUT entropy regulariser weight: sum_e p_e log p_e of the batch-mean router
+    """sigma-MoE/MoEUT entropy regulariser weight: sum_e p_e log p_e of the mean router
     softmax, pooled over all repeats of a shared layer."""
+    entropy_scope: Literal["batch", "sequence"] = "batch"
+    """batch: one p, the mean over the global batch. sequence: one p per sequence, the
+    terms averaged over sequences (the MoEUT authors' code): it also penalises sequences
+    that each use few experts, which one batch-level p can hide."""
     expert_dropout: float = 0.0
     """Training only: each (token, expert) is excluded from selection with this probability
     (sigma-MoE's expert dropout; not Switch's dropout inside the experts)."""
@@ -211,6 +215,8 @@ class AttentionConfig:
     """SwitchHead: experts selected per head, on the source and on the destination side."""
     entropy_loss_weight: float = 0.0
     """Entropy regulariser on the gates (the SwitchHead paper uses none; MoEUT may)."""
+    entropy_scope: Literal["batch", "sequence"] = "batch"
+    """As moe.entropy_scope, for the gates."""
     bias_update_rate: float = 0.0
     """Aux-loss-free balancing of the gates (see moe.bias_update_rate); 0 = off."""
 

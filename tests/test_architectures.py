@@ -93,6 +93,44 @@ def test_entropy_regulariser_hand_computed_and_pooled_over_repeats():
     torch.testing.assert_close(total_aux_loss(auxes), torch.tensor(-0.1 * math.log(2)))
     auxes[1].group_key = 8  # two different routers: each pooled alone
     torch.testing.assert_close(total_aux_loss(auxes), torch.tensor(0.0))
+    # entropy_scope=sequence: two sequences, each all-in on its own expert. One batch-level
+    # p calls this balanced (-log 2); per sequence each p is collapsed (0).
+    seq = MoEAux("ffn", 7, zero, torch.zeros(E), zero, 1, torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0]]), 3, 0.1,
+                 num_sequences=torch.tensor(2.0), sum_over_ranks=lambda ts: ts)
+    torch.testing.assert_close(total_aux_loss([seq]), torch.tensor(0.0))
+
+
+def test_sequence_entropy_scope_matches_the_moeut_reference():
+    """The MoEUT authors' regulariser: per sequence (and head), p = mean softmax over the
+    sequence's tokens and every repeat of the shared layer; sum p log p; mean over sequences
+    (and heads). Here from the router logits captured by hooks, for the FFN routers and both
+    SwitchHead gates."""
+    cfg = moeut_cfg(["moe.entropy_scope=sequence", "attention.entropy_scope=sequence",
+                     "attention.entropy_loss_weight=0.001"])
+    torch.manual_seed(0)
+    lm = LM(cfg, 50).double()
+    B, S, H, E_att = 3, 8, 2, 3
+    logits = {}
+    for j, block in enumerate(lm.blocks):
+        for name, mod in (("ffn", block.ffn.router), ("src", block.attn.gate_src), ("dst", block.attn.gate_dst)):
+            mod.register_forward_hook(lambda m, i, o, key=(j, name): logits.setdefault(key, []).append(o))
+    out = lm(torch.randint(0, 50, (B, S)))
+
+    def reference(calls, heads, E, weight):
+        probs = [torch.softmax(c.view(B, S, heads, E), -1) for c in calls]  # each repeat
+        p = torch.cat(probs, dim=1).mean(1)  # [B, heads, E]: over tokens and repeats
+        return weight * (p * p.log()).sum(-1).mean()  # mean over sequences and heads
+
+    expected = sum(
+        reference(logits[(j, "ffn")], 1, 6, 0.01) + reference(logits[(j, "src")], H, E_att, 0.001)
+        + reference(logits[(j, "dst")], H, E_att, 0.001)
+        for j in (0, 1)
+    )
+    assert all(len(v) == 2 for v in logits.values())  # two repeats of each shared block
+    torch.testing.assert_close(out.aux_loss, expected.float())  # the aux loss is float32
+    batch = moeut_cfg(["attention.entropy_loss_weight=0.001"])
+    torch.manual_seed(0)
+    assert abs(LM(batch, 50).double()(torch.randint(0, 50, (B, S))).aux_loss.item() - expected.item()) > 1e-6
 
 
 # ----------------------------------------------------------------------------- SwitchHead

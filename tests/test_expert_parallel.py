@@ -26,13 +26,19 @@ TOL = dict(rtol=1e-9, atol=1e-12)
 
 
 def make_layer(kind, ep, E, cf):
+    """kind: softmax, top1, top1_shared, sigmoid, slice, switchhead; a _seq suffix turns on
+    the entropy regulariser per sequence (entropy_scope=sequence)."""
     torch.manual_seed(1)
+    scope = "sequence" if kind.endswith("_seq") else "batch"
+    kind = kind.removesuffix("_seq")
     if kind == "switchhead":
-        layer = SwitchHeadAttention(D, 2, 6, S, True, 1e4, 0.0, AttentionConfig(num_experts=E, top_k=2, entropy_loss_weight=0.01), "loop", ep=ep)
+        att = AttentionConfig(num_experts=E, top_k=2, entropy_loss_weight=0.01, entropy_scope=scope)
+        layer = SwitchHeadAttention(D, 2, 6, S, True, 1e4, 0.0, att, "loop", ep=ep)
     else:
+        entropy = 0.01 if kind == "sigmoid" or scope == "sequence" else 0.0
         cfg = MoEConfig(
             num_experts=E, top_k=1 if kind.startswith("top1") else 2, d_expert=6, capacity_factor=cf, lb_loss_weight=0.01,
-            z_loss_weight=0.001, entropy_loss_weight=0.01 if kind == "sigmoid" else 0.0, grouped_mm="loop",
+            z_loss_weight=0.001, entropy_loss_weight=entropy, entropy_scope=scope, grouped_mm="loop",
             num_slices=3, slice_router_hidden=8, slice_cap_loss_weight=0.05, num_shared_experts=1 if kind == "top1_shared" else 0,
         )
         if kind == "slice":
@@ -46,7 +52,7 @@ def make_layer(kind, ep, E, cf):
 
 
 def num_global_experts(kind, E):
-    return 2 * E if kind == "switchhead" else E
+    return 2 * E if kind.startswith("switchhead") else E
 
 
 def forward(layer, x, setup):
@@ -131,6 +137,13 @@ def _parity_worker(rank, world, ep_size, kind, E, cf, scenario):
 @pytest.mark.parametrize("world", [2, 4])
 def test_layer_parity_with_one_process(kind, E, cf, world):
     run_distributed(_parity_worker, world, world, kind, E, cf, None)
+
+
+@pytest.mark.parametrize("kind, E", [("sigmoid_seq", 6), ("slice_seq", 5), ("switchhead_seq", 3)])
+def test_per_sequence_entropy_parity_with_one_process(kind, E):
+    """entropy_scope=sequence: each rank's sequences, averaged over the global batch through
+    one all-reduce with autograd; loss and every gradient equal one process's."""
+    run_distributed(_parity_worker, 2, 2, kind, E, None, None)
 
 
 @pytest.mark.parametrize("scenario", ["empty_expert", "empty_rank", "rank_all_dropped"])
@@ -312,8 +325,10 @@ def _lm_parity_worker(rank, world, overrides):
     for a, r in zip(out.moe, out_ref.moe):
         assert torch.equal(a.tokens_per_expert, r.tokens_per_expert) and a.dropped.item() == r.dropped.item()
         torch.testing.assert_close(a.loss, r.loss, **TOL, msg=lambda m: f"{a.label} loss: {m}")
-        if r.probs_sum is not None:
-            torch.testing.assert_close(a.probs_sum, r.probs_sum, **TOL, msg=lambda m: f"{a.label} probs: {m}")
+        if r.probs_sum is not None:  # per sequence: this rank's rows of the global batch
+            want = r.probs_sum if r.num_sequences is None else r.probs_sum[rank * 2 : (rank + 1) * 2]
+            torch.testing.assert_close(a.probs_sum, want, **TOL, msg=lambda m: f"{a.label} probs: {m}")
+        torch.testing.assert_close(a.terms, r.terms, **TOL)
     torch.testing.assert_close(out.aux_loss, out_ref.aux_loss, **TOL)
     ref_params = dict(ref.named_parameters())
     n_sharded = 0
@@ -327,6 +342,7 @@ def _lm_parity_worker(rank, world, overrides):
     assert n_sharded == 2 * (2 + (2 if sharded else 0))  # per distinct block: FFN in/out (+ V, O)
 
 
-@pytest.mark.parametrize("placement", ["sharded", "replicated"])
-def test_moeut_model_parity(placement):
-    run_distributed(_lm_parity_worker, 2, [f"parallel.attention_experts={placement}"])
+@pytest.mark.parametrize("placement, scope", [("sharded", "batch"), ("replicated", "batch"), ("sharded", "sequence")])
+def test_moeut_model_parity(placement, scope):
+    run_distributed(_lm_parity_worker, 2, [f"parallel.attention_experts={placement}", f"moe.entropy_scope={scope}",
+                                           f"attention.entropy_scope={scope}"])

@@ -80,7 +80,7 @@ class SwitchHeadAttention(nn.Module):
             self.experts_v.shard(*lo_hi)
             self.experts_o.shard(*lo_hi)
 
-    def _route(self, gate: nn.Linear, balance: BalanceBias, x_route_TD: torch.Tensor, name: str):
+    def _route(self, gate: nn.Linear, balance: BalanceBias, x_route_TD: torch.Tensor, name: str, seq_len: int):
         """Per-head sigmoid top-k. Returns (global expert ids [R, K], weights [R, K], aux)."""
         T, H, E, K = x_route_TD.shape[0], self.n_heads, self.num_experts, self.top_k
         timer = self.ep.timer(x_route_TD.device)
@@ -98,12 +98,22 @@ class SwitchHeadAttention(nn.Module):
         probs_sum, terms = None, {}
         # Rows travel with the counts (global batch even if ranks' batches differ; >= 1).
         local = [torch.bincount(global_RK.reshape(-1), minlength=G), torch.full((), T, device=global_RK.device)]
-        if self.cfg.entropy_loss_weight > 0:
+        entropy = self.cfg.entropy_loss_weight > 0
+        per_sequence = entropy and self.cfg.entropy_scope == "sequence"
+        if per_sequence:  # [B, H, E], this rank's sequences; the logged value summed here
+            probs_seq = probs_RE.view(-1, seq_len, H, E).sum(1)
+            local.append(entropy_regularizer(probs_seq.detach(), seq_len))
+        elif entropy:
             # [H, E]: the entropy regulariser balances each head's experts, global batch.
             local.append(probs_RE.view(T, H, E).sum(0))
         total = ep.sum_stats_many(local)  # one all-reduce for all
         rows = total[1].clamp_min(1)
-        if self.cfg.entropy_loss_weight > 0:
+        num_rows, num_sequences = rows, None
+        if per_sequence:
+            # The mean over sequences and heads, as the MoEUT reference code takes it.
+            probs_sum, num_rows, num_sequences = probs_seq, seq_len, rows / seq_len * H
+            terms["entropy_reg"] = total[2] / num_sequences
+        elif entropy:
             probs_sum = total[2].float()
             terms["entropy_reg"] = entropy_regularizer(probs_sum, rows).detach()
         aux = MoEAux(
@@ -114,7 +124,9 @@ class SwitchHeadAttention(nn.Module):
             dropped=torch.zeros((), dtype=torch.long, device=x_route_TD.device),
             assignments=global_RK.numel() * ep.world,
             probs_sum=probs_sum,
-            num_rows=rows,
+            num_rows=num_rows,
+            num_sequences=num_sequences,
+            sum_over_ranks=ep.sum_stats_many if per_sequence else None,
             entropy_weight=self.cfg.entropy_loss_weight,
             router_entropy_sum=router_entropy(probs_RE).detach(),
             local_rows=T * H,
@@ -151,7 +163,7 @@ class SwitchHeadAttention(nn.Module):
 
         # Value side: routed at the source token. Assignment a = (t*H + h)*K + j reads token
         # a // (H*K) and writes the (token, head) row a // K.
-        src_RK, src_w_RK, aux_src = self._route(self.gate_src, self.balance_src, x_route_TD, "attn_src")
+        src_RK, src_w_RK, aux_src = self._route(self.gate_src, self.balance_src, x_route_TD, "attn_src", S)
         v_RDh = self._experts(x_TD, src_RK, src_w_RK, self.experts_v, H * K, K, T * H, aux_src)
         v = v_RDh.view(B, S, H, Dh).transpose(1, 2)
 
@@ -161,6 +173,6 @@ class SwitchHeadAttention(nn.Module):
 
         # Output side: routed at the destination token. Assignment a reads the (token, head)
         # row a // K and writes token a // (H*K).
-        dst_RK, dst_w_RK, aux_dst = self._route(self.gate_dst, self.balance_dst, x_route_TD, "attn_dst")
+        dst_RK, dst_w_RK, aux_dst = self._route(self.gate_dst, self.balance_dst, x_route_TD, "attn_dst", S)
         y_TD = self._experts(att_RDh, dst_RK, dst_w_RK, self.experts_o, K, H * K, T, aux_dst)
         return y_TD.view(B, S, D), [aux_src, aux_dst]

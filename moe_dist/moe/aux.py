@@ -30,11 +30,20 @@ class MoEAux:
     assignments: int
     """Routed rows x top-k."""
     probs_sum: Optional[torch.Tensor] = None
-    """[E] sum over rows of softmax(router logits), for the pooled entropy regulariser."""
+    """Sum over rows of softmax(router logits), for the pooled entropy regulariser: [E] (or
+    [H, E]) over the global batch, or with entropy_scope=sequence [B, E] (or [B, H, E]),
+    this rank's sequences."""
     num_rows: Any = 0
-    """Rows that probs_sum sums over, over the global batch (a tensor, so no host sync)."""
+    """Rows that probs_sum sums over: over the global batch (a tensor, so no host sync), or
+    per sequence with entropy_scope=sequence."""
     entropy_weight: float = 0.0
     """Weight of the entropy regulariser for this router."""
+    num_sequences: Any = None
+    """entropy_scope=sequence: the mean's divisor, the global batch's sequences (times the
+    heads, for SwitchHead's per-head gates); None for the batch scope."""
+    sum_over_ranks: Any = None
+    """entropy_scope=sequence: sums a list of tensors over the world with autograd (one
+    all-reduce; ExpertParallel.sum_stats_many)."""
     layer: int = -1
     """Depth (0-based application index) of the block that routed; set by the model."""
     block: int = -1
@@ -70,7 +79,10 @@ class MoEAux:
 
 def total_aux_loss(auxes: list[MoEAux]) -> torch.Tensor:
     """Sum of per-call losses plus, per router group, weight * sum_e p_e log p_e of the mean
-    softmax pooled over every call of that router (all repeats of a MoEUT group)."""
+    softmax pooled over every call of that router (all repeats of a MoEUT group): one p over
+    the global batch, or (entropy_scope=sequence) one p per sequence, the terms averaged
+    over the global batch's sequences. The sequence scope's sums over ranks travel in one
+    all-reduce, so under expert parallelism every rank must call this alike."""
     if not auxes:
         return torch.zeros((), dtype=torch.float32)
     total = torch.zeros((), dtype=torch.float32, device=auxes[0].loss.device)  # no host copy
@@ -79,8 +91,17 @@ def total_aux_loss(auxes: list[MoEAux]) -> torch.Tensor:
         total = total + a.loss
         if a.entropy_weight > 0 and a.probs_sum is not None:
             pooled.setdefault((a.group_key, a.name), []).append(a)
+    per_sequence: list[tuple[MoEAux, torch.Tensor]] = []
     for group in pooled.values():
         probs_sum = torch.stack([a.probs_sum for a in group]).sum(0)
         rows = sum(a.num_rows for a in group)
-        total = total + group[0].entropy_weight * entropy_regularizer(probs_sum, rows)
+        term = entropy_regularizer(probs_sum, rows)  # sums p log p over sequences too
+        if group[0].num_sequences is None:
+            total = total + group[0].entropy_weight * term
+        else:
+            per_sequence.append((group[0], term))
+    if per_sequence:
+        sums = per_sequence[0][0].sum_over_ranks([term for _, term in per_sequence])
+        for (a, _), summed in zip(per_sequence, sums):
+            total = total + (a.entropy_weight * summed / a.num_sequences).float()
     return total

@@ -62,8 +62,9 @@ class MoEFFN(nn.Module):
         if self.ep.size > 1:
             self.experts.shard(*self.ep.local_range(self.num_experts))
 
-    def route(self, x_TD: torch.Tensor):
-        """Router in float32 (autocast off), top-k, capacity. Returns (expert, weight, keep, aux)."""
+    def route(self, x_TD: torch.Tensor, seq_len: Optional[int] = None):
+        """Router in float32 (autocast off), top-k, capacity. Returns (expert, weight, keep, aux).
+        seq_len: rows per sequence (moe.entropy_scope=sequence; default: one sequence)."""
         E, K, cfg = self.num_experts, self.top_k, self.cfg
         dtype = router_dtype(x_TD)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
@@ -76,7 +77,8 @@ class MoEFFN(nn.Module):
             expert_TK, weight_TK, probs_TE = route_topk(logits_TE, K, self.score, bias, exclude)
             cf = cfg.capacity_factor_for(self.training)
             keep_TK = self.ep.capacity_mask(expert_TK, E, cf)
-            aux = routing_aux(self.ep, "ffn", id(self), logits_TE, probs_TE, expert_TK, keep_TK, cfg, cf)
+            aux = routing_aux(self.ep, "ffn", id(self), logits_TE, probs_TE, expert_TK, keep_TK, cfg, cf,
+                              rows_per_seq=seq_len or x_TD.shape[0])
         aux.balance_bias = self.balance.live_bias
         self.balance.observe(expert_TK)
         return expert_TK, weight_TK, keep_TK, aux
@@ -86,7 +88,7 @@ class MoEFFN(nn.Module):
         x_TD = x_BSD.reshape(B * S, D)
         x_route_TD = x_TD if x_route_BSD is None else x_route_BSD.reshape(B * S, D)
         timer = self.ep.timer(x_TD.device)
-        expert_TK, weight_TK, keep_TK, aux = self.route(x_route_TD)
+        expert_TK, weight_TK, keep_TK, aux = self.route(x_route_TD, S)
         timer.lap("route")
         # 1. sort kept assignments by expert  2. expert FFNs (across ranks under ep)
         # 3. scale by routing weight and scatter-add into the tokens
@@ -128,12 +130,16 @@ def routing_aux(
     cfg: MoEConfig,
     capacity_factor: Optional[float],
     extra_loss: Optional[torch.Tensor] = None,
+    rows_per_seq: int = 1,
 ) -> MoEAux:
     """Losses and statistics of one routed call, over the global batch (summed over every
-    rank, autograd through the sums), so they equal one process's on the same batch."""
+    rank, autograd through the sums), so they equal one process's on the same batch.
+    rows_per_seq: routed rows of one sequence (its tokens, or (token, slice) pairs), for
+    moe.entropy_scope=sequence."""
     T, K = expert_TK.shape
     E = logits_TE.shape[1]
     entropy = cfg.entropy_loss_weight > 0
+    per_sequence = entropy and cfg.entropy_scope == "sequence"
     # Every sum over the global batch in one all-reduce: rows, counts, drops, the loss sums.
     # The row count travels too, so ranks with unequal batches still normalise by the
     # global batch; clamped to 1 so that a call with no rows gives zero losses, not 0/0.
@@ -142,8 +148,11 @@ def routing_aux(
         "counts": torch.bincount(expert_TK.reshape(-1), minlength=E),
         "dropped": (~keep_TK).sum(),
     }
-    if cfg.lb_loss_weight > 0 or entropy:
+    if cfg.lb_loss_weight > 0 or (entropy and not per_sequence):
         local["probs"] = probs_TE.sum(0)
+    if per_sequence:  # this rank's sequences; only the logged per-call value is summed here
+        probs_seq = probs_TE.view(-1, rows_per_seq, E).sum(1)
+        local["entropy_seq"] = entropy_regularizer(probs_seq.detach(), rows_per_seq)
     if cfg.z_loss_weight > 0:
         local["z"] = torch.logsumexp(logits_TE, dim=-1).square().sum()
     total = dict(zip(local, ep.sum_stats_many(list(local.values()))))
@@ -159,8 +168,12 @@ def routing_aux(
         loss = loss + cfg.z_loss_weight * terms["z_loss"]
     if extra_loss is not None:
         loss = loss + extra_loss
-    probs_sum = None
-    if entropy:
+    probs_sum, num_rows, num_sequences = None, rows, None
+    if per_sequence:
+        probs_sum, num_rows = probs_seq, rows_per_seq  # router dtype: summed over ranks below
+        num_sequences = rows / rows_per_seq
+        terms["entropy_reg"] = total["entropy_seq"] / num_sequences
+    elif entropy:
         probs_sum = total["probs"].float()
         terms["entropy_reg"] = entropy_regularizer(probs_sum, rows)
     return MoEAux(
@@ -171,7 +184,9 @@ def routing_aux(
         dropped=total["dropped"].detach(),
         assignments=T * ep.world * K,
         probs_sum=probs_sum,
-        num_rows=rows,
+        num_rows=num_rows,
+        num_sequences=num_sequences,
+        sum_over_ranks=ep.sum_stats_many if per_sequence else None,
         entropy_weight=cfg.entropy_loss_weight,
         capacity=global_capacity(ep, T, K, E, capacity_factor),
         router_entropy_sum=router_entropy(probs_TE).detach(),
