@@ -290,6 +290,15 @@ def test_checkpoint_retention_and_resave(tmp_path):
     meta, state, config = load_checkpoint(os.path.join(root, "step_00000150"))
     assert state == {"step": 151} and config == "a: 2\n" and meta["step"] == 150
     assert sorted(os.listdir(root)) == ["step_00000060", "step_00000150"]
+    # A crash between a re-save's two renames leaves step 150 only aside (and the new one
+    # unrenamed): it is put back, not lost to the next save's cleanup of .tmp- directories.
+    from moe_dist.trainer.checkpoint import recover_interrupted_resave
+
+    os.rename(os.path.join(root, "step_00000150"), os.path.join(root, ".tmp-replaced-step_00000150"))
+    os.makedirs(os.path.join(root, ".tmp-step_00000150"))
+    assert recover_interrupted_resave(root) == [os.path.join(root, "step_00000150")]
+    assert load_checkpoint(os.path.join(root, "step_00000150"))[1] == {"step": 151}
+    assert recover_interrupted_resave(root) == []  # nothing else aside
     # keep_every: multiples of 100 survive beyond keep_last.
     for step in (200, 250, 300, 350):
         save_checkpoint(root, step, write({"step": step}), "a: 1\n", keep_last=2, keep_every=100)

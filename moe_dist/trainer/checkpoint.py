@@ -16,7 +16,9 @@ Every rank writes into checkpoints/.tmp-step_.../ and fsyncs; after a barrier ra
 checksums the files, writes meta.json, renames the directory into place and fsyncs the
 parent. A crash before the rename leaves only a .tmp- directory, which is never taken for a
 checkpoint (and is removed by the next save); a directory without a valid meta.json, or
-whose files do not match it, is refused by name.
+whose files do not match it, is refused by name. Re-saving a step moves the old directory
+aside first; a crash between the two renames leaves it there, and train.resume=auto puts
+it back.
 """
 
 from __future__ import annotations
@@ -169,6 +171,23 @@ def finish_save(
                 shutil.rmtree(os.path.join(ckpt_root, step_dir_name(old)), ignore_errors=True)
     _barrier(layout, wait=True)
     return final
+
+
+def recover_interrupted_resave(ckpt_root: str) -> list[str]:
+    """Re-saving a step moves the old directory aside (.tmp-replaced-step_X) before renaming
+    the new one into place. A crash between the two renames leaves step X only aside: put
+    it back (rank 0, before anything lists the checkpoints). Returns the restored paths."""
+    restored = []
+    if not os.path.isdir(ckpt_root):
+        return restored
+    for name in sorted(os.listdir(ckpt_root)):
+        final = os.path.join(ckpt_root, name.removeprefix(".tmp-replaced-"))
+        if name.startswith(".tmp-replaced-") and _STEP_DIR.match(os.path.basename(final)) and not os.path.exists(final):
+            os.rename(os.path.join(ckpt_root, name), final)
+            restored.append(final)
+    if restored:
+        _fsync_dir(ckpt_root)
+    return restored
 
 
 def list_checkpoints(ckpt_root: str) -> list[int]:
