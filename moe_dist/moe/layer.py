@@ -78,7 +78,7 @@ class MoEFFN(nn.Module):
             cf = cfg.capacity_factor_for(self.training)
             keep_TK = self.ep.capacity_mask(expert_TK, E, cf)
             aux = routing_aux(self.ep, "ffn", id(self), logits_TE, probs_TE, expert_TK, keep_TK, cfg, cf,
-                              rows_per_seq=seq_len or x_TD.shape[0])
+                              rows_per_seq=seq_len or max(x_TD.shape[0], 1))
         aux.balance_bias = self.balance.live_bias
         self.balance.observe(expert_TK)
         return expert_TK, weight_TK, keep_TK, aux
@@ -182,7 +182,7 @@ def routing_aux(
         loss=loss.float(),
         tokens_per_expert=counts_E.detach(),
         dropped=total["dropped"].detach(),
-        assignments=T * ep.world * K,
+        assignments=T * ep.world * K,  # a traffic statistic: the trainer's batches are equal
         probs_sum=probs_sum,
         num_rows=num_rows,
         num_sequences=num_sequences,
