@@ -55,10 +55,13 @@ def main(argv=None) -> int:
                 raise
             # gloo/nccl report a dead peer ("Connection closed by peer") or a hung one (a
             # timeout after parallel.timeout_s) as RuntimeError/DistBackendError.
-            where = f"at step {trainer.step + 1}" if trainer.saving is None else f"in the save of step {trainer.saving}"
+            where, bound = f"at step {trainer.step + 1}", f"parallel.timeout_s={cfg.parallel.timeout_s:g}"
+            if trainer.saving is not None:  # rank 0's checksums are waited for longer
+                where = f"in the save of step {trainer.saving}"
+                bound += f", or parallel.wait_timeout_s={cfg.parallel.wait_timeout_s:g} for rank 0's checksums"
             print(
                 f"error: rank {trainer.layout.rank}: a collective failed {where}; another "
-                f"rank died or hangs (waits are bounded by parallel.timeout_s={cfg.parallel.timeout_s:g}): "
+                f"rank died or hangs (waits are bounded by {bound}): "
                 f"{str(e).splitlines()[0][:300]}",
                 file=sys.stderr,
                 flush=True,

@@ -244,6 +244,22 @@ def test_a_fresh_start_in_a_used_run_dir_starts_its_logs_over(tmp_path):
     assert len([n for n in os.listdir(run / "tb") if n.startswith("events.out.tfevents.")]) == 1
 
 
+def test_keys_newer_than_a_checkpoint_count_as_their_defaults():
+    """A checkpoint from an earlier version lacks keys added since: they are compared as the
+    defaults (how that version behaved), not as None, so it still resumes."""
+    import copy
+
+    from moe_dist.config import Config
+    from moe_dist.trainer.trainer import _config_diff
+
+    new = Config().to_dict()
+    old = copy.deepcopy(new)
+    del old["moe"]["entropy_scope"], old["attention"]["entropy_scope"], old["data"]["rank_split"]
+    assert _config_diff(old, new) == []
+    new["moe"]["entropy_scope"], new["moe"]["eval_capacity_factor"] = "sequence", 2.0  # eval-only: may differ
+    assert _config_diff(old, new) == ["moe.entropy_scope: checkpoint 'batch', config 'sequence'"]
+
+
 def test_checkpoint_metadata_is_validated(tmp_path):
     """meta.json must list every file a load reads and agree with the directory's step."""
     import shutil

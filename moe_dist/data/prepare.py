@@ -96,7 +96,10 @@ def _write_split(
         # shift every shard. Shuffling once here makes every shard a sample of the whole.
         samples = samples[np.random.default_rng(SPLIT_SEED).permutation(n_samples)]
     pattern = os.path.join(out_dir, f"{split}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
+    # mtime=0: reproducible tars (webdataset stamps the current time otherwise), so the same
+    # corpus and settings always give the same shard sha256s, and the same manifest: the
+    # data identity a checkpoint records (trainer.py).
+    with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0, mtime=0) as sink:
         for i, row in enumerate(samples):
             sink.write({"__key__": f"{i:09d}", "tokens": row.tobytes()})
     shards = []

@@ -97,7 +97,8 @@ class CallStats:
     @property
     def capacity_overflow(self) -> Optional[float]:
         """The hottest expert's routed count over its capacity, both summed over the window and
-        the world's ep groups: above 1, it must have dropped tokens."""
+        the world's ep groups: above 1, it dropped tokens (SliceMoE in training excepted: its
+        cross-slice-dropped assignments count as routed but take no slot)."""
         if self.capacity is None:
             return None
         return float(self.routed.max()) / (self.capacity * self.calls)

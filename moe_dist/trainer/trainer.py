@@ -43,7 +43,8 @@ from moe_dist.trainer.traffic import TrafficMonitor, peak_tflops, set_timing
 
 # Config sections that must match between a checkpoint and the run resuming it.
 _MUST_MATCH = ("model", "moe", "attention")
-_MAY_DIFFER = {"moe.grouped_mm"}  # an implementation choice, not a model change
+# An implementation choice, and an evaluation-only setting: neither changes the model.
+_MAY_DIFFER = {"moe.grouped_mm", "moe.eval_capacity_factor"}
 # Single keys that must match too. The optimizer's: a resume loads AdamW's hyper-parameters
 # and the schedule's base lr from the checkpoint but rebuilds the schedule's shape from the
 # config, so a change would train with neither (Megatron refuses these too, unless told to
@@ -104,19 +105,16 @@ def _check_run_dir(run_dir: str) -> None:
 
 
 def _config_diff(old: dict, new: dict) -> list[str]:
+    """Differing must-match keys. A key newer than the checkpoint's config counts as its
+    default there: the code that wrote the checkpoint behaved as that default does."""
+    defaults = Config().to_dict()
     diffs = []
-    for section in _MUST_MATCH:
-        for key in sorted(set(old.get(section, {})) | set(new.get(section, {}))):
-            full = f"{section}.{key}"
-            a, b = old.get(section, {}).get(key), new.get(section, {}).get(key)
-            if full not in _MAY_DIFFER and a != b:
-                diffs.append(f"{full}: checkpoint {a!r}, config {b!r}")
-    for full in _MUST_MATCH_KEYS:
+    keys = [f"{section}.{key}" for section in _MUST_MATCH for key in new.get(section, {})]
+    for full in sorted(set(keys) - _MAY_DIFFER) + list(_MUST_MATCH_KEYS):
         section, key = full.split(".")
-        if key in old.get(section, {}):  # keys newer than the checkpoint keep their defaults
-            a, b = old[section][key], new[section][key]
-            if a != b:
-                diffs.append(f"{full}: checkpoint {a!r}, config {b!r}")
+        a, b = old.get(section, {}).get(key, defaults[section][key]), new[section][key]
+        if a != b:
+            diffs.append(f"{full}: checkpoint {a!r}, config {b!r}")
     return diffs
 
 
