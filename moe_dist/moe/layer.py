@@ -92,8 +92,7 @@ class MoEFFN(nn.Module):
         timer.lap("route")
         # 1. sort kept assignments by expert  2. expert FFNs (across ranks under ep)
         # 3. scale by routing weight and scatter-add into the tokens
-        dropless = self.cfg.capacity_factor_for(self.training) is None
-        keep_P = None if dropless else keep_TK.reshape(-1)  # dropless: no mask, no sync
+        keep_P = None if aux.capacity is None else keep_TK.reshape(-1)  # dropless: no mask, no sync
         assignment_N, tokens_per_expert_E = sort_by_expert(expert_TK.reshape(-1), keep_P, self.num_experts)
         w_N = weight_TK.reshape(-1).index_select(0, assignment_N)
         if self.ep.size == 1:  # all experts here: steps 1-3 in one op, no [N, D] copies

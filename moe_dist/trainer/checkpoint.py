@@ -258,6 +258,13 @@ def _torch_load(path: str) -> Any:
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
+def _require_listed(path: str, meta: dict, names: list[str]) -> None:
+    """A file this load needs must be in meta.json (verify_checkpoint only checks listed ones)."""
+    for name in names:
+        if name not in meta["files"]:
+            raise CheckpointError(f"checkpoint file missing: {os.path.join(path, name)} (not in {META})")
+
+
 def load_checkpoint(path: str, rank: int = 0, world_size: int = 1, ep: int = 1) -> tuple[dict, dict[str, Any], str]:
     """(meta, this rank's state, config_yaml) of a verified checkpoint.
     Format 2: this rank's state file; the layout must match.
@@ -268,8 +275,7 @@ def load_checkpoint(path: str, rank: int = 0, world_size: int = 1, ep: int = 1) 
     meta = verify_checkpoint(path, files=[CONFIG])
     if meta["format"] == 2:
         own = state_file(rank)
-        if own not in meta["files"]:
-            raise CheckpointError(f"checkpoint file missing: {os.path.join(path, own)} (not in {META})")
+        _require_listed(path, meta, [own])
         verify_checkpoint(path, files=[own])
         if (meta["world_size"], meta["ep"]) != (world_size, ep):
             raise CheckpointError(
@@ -279,9 +285,7 @@ def load_checkpoint(path: str, rank: int = 0, world_size: int = 1, ep: int = 1) 
             )
         return meta, _torch_load(os.path.join(path, own)), read_config(path)
     own = extra_file(rank if meta["world_size"] == world_size else 0)
-    for name in (own, ".metadata"):
-        if name not in meta["files"]:
-            raise CheckpointError(f"checkpoint file missing: {os.path.join(path, name)} (not in {META})")
+    _require_listed(path, meta, [own, ".metadata"])
     # Every DCP file and this rank's extras: a corrupt shard is refused before any load.
     verify_checkpoint(path, files=[own] + [n for n in meta["files"] if not n.startswith(("extra_", "state_"))])
     extras = _torch_load(os.path.join(path, own))

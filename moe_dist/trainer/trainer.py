@@ -181,13 +181,14 @@ class Trainer:
             self.ds_config = deepspeed_config(cfg, self.layout.world_size, use_bf16)
 
         # Resume point first: a bad checkpoint must fail before any data or model work.
-        if self.is_main and cfg.train.resume == "auto":
-            for path in ckpt.recover_interrupted_resave(self.ckpt_dir):
-                self.log(f"restored {path}: a re-save of that step was interrupted")
-        if self.layout.distributed:
-            import torch.distributed as dist
+        if cfg.train.resume == "auto":
+            if self.is_main:
+                for path in ckpt.recover_interrupted_resave(self.ckpt_dir):
+                    self.log(f"restored {path}: a re-save of that step was interrupted")
+            if self.layout.distributed:
+                import torch.distributed as dist
 
-            dist.barrier()  # the others list the checkpoints after rank 0's repair
+                dist.barrier()  # the others list the checkpoints after rank 0's repair
         self.resume_path, resume_meta, resume_state, old_yaml = self._open_resume()
         if self.resume_path is not None:
             diffs = _config_diff(yaml.safe_load(old_yaml), cfg.to_dict()) + _backend_diff(
