@@ -382,6 +382,32 @@ def test_expert_mlp_traces_under_torch_compile():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_expert_mlp_under_autocast_matches_loop_backend():
+    """Training runs the experts under autocast. CUDA autocast computes `sum` in fp32, so the
+    K-slot combine once returned fp32, and autograd handed the backward an fp32 gradient
+    against bf16 weights (the quickstart with moe.grouped_mm=triton failed on an H100). Output
+    dtype and every gradient must match the loop backend under autocast on this device."""
+    torch.manual_seed(0)
+    T, K, E, D, F = (512, 2, 8, 128, 64) if DEV == "cuda" else (48, 2, 4, 32, 16)
+    slot_N, counts_E = routing(T, K, E, seed=9)
+    leaves = [rand(T, D, dtype=torch.float32)]
+    leaves += [rand(*s, dtype=torch.float32, scale=0.1) for s in ((E, D, 2 * F), (E, F, D))]
+    leaves.append(torch.rand(len(slot_N), device=DEV))
+    got = {}
+    for backend in ("triton", "loop"):
+        ls = [t.detach().clone().requires_grad_() for t in leaves]
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            x = ls[0].to(torch.bfloat16)  # what GroupedExperts' autocast_input does
+            y = ops.expert_mlp(x, ls[1], ls[2], counts_E, slot_N, K, ls[3], "swiglu", backend)
+            loss = y.float().square().sum()
+        loss.backward()
+        got[backend] = [y] + [t.grad for t in ls]
+    assert got["triton"][0].dtype == torch.bfloat16
+    for a, b in zip(got["triton"], got["loop"]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2 * b.float().abs().max().item())
+
+
 # ---- 3. GPU: bf16 and realistic shapes on the compiled kernels ----------------------------
 
 

@@ -303,7 +303,9 @@ def grouped_gemm(
     N = a_idx_N.numel() if a_idx_N is not None else a.shape[0]
     E, Din, Dout = b_EKN.shape
     assert a.dim() == 2 and a.shape[1] == Din * act_width(act_a), f"a {tuple(a.shape)} vs b {tuple(b_EKN.shape)} ({act_a})"
-    assert a.dtype == b_EKN.dtype and a.dtype in (torch.float32, torch.float16, torch.bfloat16), "a, b: same float dtype"
+    assert a.dtype == b_EKN.dtype and a.dtype in (torch.float32, torch.float16, torch.bfloat16), (
+        f"a, b: same float dtype, got {a.dtype} and {b_EKN.dtype}"
+    )
     assert offs_E1.numel() == E + 1 and sched_2B.shape[0] == 2
     for idx, name in ((a_idx_N, "a_idx_N"), (c_idx_N, "c_idx_N"), (x_idx_N, "x_idx_N")):
         _check_idx(idx, N, name)

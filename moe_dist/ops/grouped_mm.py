@@ -199,6 +199,15 @@ def _(a, b, offs_E1, a_idx_N, b_idx_N, scale_N, act_a):
     return a.new_empty(offs_E1.shape[0] - 1, a.shape[1] // width, b.shape[1])
 
 
+def _sum_slots(c_MF: torch.Tensor, per_row: int) -> torch.Tensor:
+    """Sum each run of per_row consecutive rows (a token's K slots) in fp32, in c's dtype.
+    Explicit about both because CUDA autocast runs `sum` in fp32 and would change the
+    output's dtype, and with it the dtype of the gradient autograd hands our backward."""
+    if per_row <= 1:
+        return c_MF
+    return c_MF.view(-1, per_row, c_MF.shape[1]).sum(1, dtype=torch.float32).to(c_MF.dtype)
+
+
 class _ScatterGroupedMM(torch.autograd.Function):
     """y = scatter(scale_N * act(gather(x)) @ w[e]) on the Triton kernels (see scatter_grouped_mm).
 
@@ -219,12 +228,13 @@ class _ScatterGroupedMM(torch.autograd.Function):
         )  # fmt: skip
         ctx.save_for_backward(x, w_EDF, offs_E1, sched_2B, slot_N, src_N, dst_N, scale_N)
         ctx.cfg = (N, act, gdiv, sdiv, block_m)
-        return c.view(n_out, sdiv, -1).sum(1) if sdiv > 1 else c
+        return _sum_slots(c, sdiv)
 
     @staticmethod
     def backward(ctx, dy):
         x, w_EDF, offs_E1, sched_2B, slot_N, src_N, dst_N, scale_N = ctx.saved_tensors
         N, act, gdiv, sdiv, block_m = ctx.cfg
+        dy = dy.to(x.dtype)  # the kernels take one dtype; a caller's loss may hand back fp32
         need_x, need_w, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[7]
         dy_idx = dst_N if sdiv else None
         x_idx = src_N if gdiv else None
@@ -236,7 +246,7 @@ class _ScatterGroupedMM(torch.autograd.Function):
                 x if use_x else None, x_idx if use_x else None, x.shape[0] * gdiv if gdiv else N,
                 "none", act, need_s, block_m,
             )  # fmt: skip
-            dx = dpre.view(x.shape[0], gdiv, -1).sum(1) if gdiv > 1 else dpre
+            dx = _sum_slots(dpre, gdiv)
             dscale = dscale.to(scale_N.dtype) if need_s else None
         if need_w:
             dw = torch.ops.moe_dist.grouped_wgrad(x, dy, offs_E1, x_idx, dy_idx, scale_N, act)
