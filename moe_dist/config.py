@@ -257,7 +257,7 @@ class DataConfig:
     shuffle: bool = True
     """Shuffle shard order and sample order within a shard, per epoch, from run.seed."""
     verify_shards: bool = True
-    """Check every shard's sha256 against the manifest before training."""
+    """Check every shard's sha256 against the manifest before training (the ranks share the work)."""
     rank_split: Literal["shards", "batch"] = "shards"
     """How ranks share the data: shards = each rank streams its own shards (webdataset's
     split_by_node); batch = every rank streams the same global batches and keeps its rows,

@@ -167,6 +167,44 @@ def test_missing_and_corrupt_shards_are_named(prepared, tmp_path):
         read_manifest(str(d))
 
 
+def _verify_on_ranks(rank, world, data_dir, manifest, out_dir):
+    import moe_dist.data.loader as loader
+    from moe_dist.parallel.layout import ParallelLayout
+    from moe_dist.trainer.trainer import verify_shards
+
+    hashed, real = [], loader.sha256_file
+    loader.sha256_file = lambda path: (hashed.append(os.path.basename(path)), real(path))[1]
+    layout = ParallelLayout.build(rank, world, 0, 1, wait_timeout_s=60)
+    bad = os.path.join(data_dir, manifest["splits"]["train"]["shards"][1]["file"])
+    with pytest.raises(DataError) as e:
+        verify_shards(data_dir, manifest, layout)
+    assert str(e.value) == f"corrupt shard {bad}: sha256 differs from the manifest"
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump(hashed, f)
+
+
+def test_ranks_split_the_shard_hashing_and_all_stop_on_a_corrupt_one(prepared, tmp_path):
+    """Each shard is hashed by one rank, not by every rank; the corrupt one (train shard 1,
+    rank 1's share) stops rank 0 too, with the same message."""
+    import shutil
+
+    from dist_utils import run_distributed
+
+    src, manifest = prepared
+    d = tmp_path / "copy"
+    shutil.copytree(src, d)
+    shard = d / manifest["splits"]["train"]["shards"][1]["file"]
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    run_distributed(_verify_on_ranks, 2, str(d), manifest, str(tmp_path))
+    per_rank = [json.load(open(tmp_path / f"{r}.json")) for r in range(2)]
+    every = [s["file"] for split in manifest["splits"].values() for s in split["shards"]]
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(every)  # each shard exactly once
+    assert shard.name in per_rank[1] and shard.name not in per_rank[0]
+    assert abs(len(per_rank[0]) - len(per_rank[1])) <= len(manifest["splits"])
+
+
 def all_windows(data_dir, manifest, rank, world, workers, seq_len=64):
     loader = build_loader(
         data_dir, manifest, "train", seq_len, 1, rank=rank, world=world, num_workers=workers, seed=3, loop=False

@@ -183,6 +183,27 @@ def test_explicit_data_dir_must_exist(tmp_path, capsys):
     assert f"error: data.dir={tmp_path}/nodata: no manifest.json there" in capsys.readouterr().err
 
 
+def test_corrupt_val_shard_stops_training_before_any_step(tmp_path, capsys):
+    """Both splits are hashed before the model is built (the eval loader reads without
+    checking); data.verify_shards=false skips the hashes, not the size checks."""
+    import shutil
+
+    from moe_dist.data.cache import ensure_prepared
+
+    src, manifest = ensure_prepared(load_config(None, TINY).data)
+    d = tmp_path / "data"
+    shutil.copytree(src, d)
+    shard = d / manifest["splits"]["val"]["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[1500] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    args = TINY + [f"run.dir={tmp_path}/run", f"data.dir={d}", "train.max_steps=1", "train.eval_every=0"]
+    assert main(args) == 2
+    assert f"error: corrupt shard {shard}: sha256 differs from the manifest" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+    assert main(args + ["data.verify_shards=false"]) == 0
+
+
 def test_resume_refuses_other_model_and_corrupt_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
     base = TINY + [f"run.dir={run}", "train.max_steps=4", "train.eval_every=0", "checkpoint.every=2"]

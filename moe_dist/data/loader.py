@@ -56,11 +56,25 @@ def shard_paths(data_dir: str, manifest: dict, split: str, verify: bool) -> list
         size = os.path.getsize(path)
         if size != shard["bytes"]:
             raise DataError(f"corrupt shard {path}: {size} bytes, manifest says {shard['bytes']}")
-        if verify:
-            if sha256_file(path) != shard["sha256"]:
-                raise DataError(f"corrupt shard {path}: sha256 differs from the manifest")
         paths.append(path)
+    if verify:
+        errors = shard_hash_errors(data_dir, manifest, split)
+        if errors:
+            raise DataError(errors[0])
     return paths
+
+
+def shard_hash_errors(data_dir: str, manifest: dict, split: str, rank: int = 0, world: int = 1) -> list[str]:
+    """sha256 of shards rank, rank + world, ... of a split against the manifest: the
+    mismatches found, each naming its file. Ranks split the hashing (every shard is read
+    by one rank, not by all), because shards move between ranks every epoch, so each rank
+    would otherwise hash the whole split."""
+    errors = []
+    for shard in manifest["splits"][split]["shards"][rank::world]:
+        path = os.path.join(data_dir, shard["file"])
+        if sha256_file(path) != shard["sha256"]:
+            errors.append(f"corrupt shard {path}: sha256 differs from the manifest")
+    return errors
 
 
 def _read_shard(path: str, sample_len: int, dtype: np.dtype) -> np.ndarray:

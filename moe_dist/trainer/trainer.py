@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 import moe_dist
 from moe_dist.config import Config, dump_config
 from moe_dist.data.cache import ensure_prepared
-from moe_dist.data.loader import build_loader, data_tokenizer, val_windows
+from moe_dist.data.loader import build_loader, data_tokenizer, shard_hash_errors, val_windows
 from moe_dist.data.prepare import MANIFEST
 from moe_dist.errors import CheckpointError, ConfigError, DataError, LaunchError, MoeDistError
 from moe_dist.files import sha256_file
@@ -161,6 +161,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(cuda)
 
 
+
+def verify_shards(data_dir: str, manifest: dict, layout: ParallelLayout) -> None:
+    """Every shard of every split against the manifest's sha256, before any work. Rank r
+    hashes shards r, r + world, ... of each split; the ranks then share what they found
+    (on the wait group: hashing time grows with the corpus), so all stop with one error."""
+    errors = [e for split in manifest["splits"] for e in shard_hash_errors(data_dir, manifest, split, layout.rank,
+                                                                            layout.world_size)]
+    if layout.distributed:
+        import torch.distributed as dist
+
+        gathered: list = [None] * layout.world_size
+        dist.all_gather_object(gathered, errors, group=layout.wait_group)
+        errors = [e for part in gathered for e in part]
+    if errors:
+        raise DataError(errors[0] + (f" (and {len(errors) - 1} more corrupt shard(s))" if len(errors) > 1 else ""))
+
 class Trainer:
     def __init__(self, cfg: Config, log=print):
         self.cfg = cfg
@@ -202,6 +218,8 @@ class Trainer:
             self._check_reshard(resume_meta)
 
         self.data_dir, self.manifest = self._prepare_data()
+        if cfg.data.verify_shards:
+            verify_shards(self.data_dir, self.manifest, self.layout)
         # The data's identity, beside the data.* keys that must match: an edited corpus
         # under the same data.source is prepared anew, and must not resume a position
         # counted in the old shards.
@@ -252,7 +270,7 @@ class Trainer:
             seed=cfg.run.seed,
             shuffle=cfg.data.shuffle,
             num_workers=cfg.data.num_workers,
-            verify=cfg.data.verify_shards,
+            verify=False,  # verify_shards above, split across the ranks
         )
         self.step = 0
         self._pending_save = None
