@@ -165,10 +165,6 @@ class MoEConfig:
     """SliceMoE cross-slice dropout: training only, drop each of a slice's top-k weights with
     this probability (never all) and renormalise the survivors to sum 1."""
 
-    @property
-    def dropless(self) -> bool:
-        return self.capacity_factor is None or self.capacity_factor == 0
-
     def capacity_factor_for(self, training: bool) -> Optional[float]:
         """The capacity factor of a training or an evaluation forward; None = dropless."""
         cf = self.capacity_factor if training or self.eval_capacity_factor is None else self.eval_capacity_factor

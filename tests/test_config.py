@@ -18,7 +18,7 @@ def test_override_values_are_yaml():
     assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
     assert parse_override("logging.progress=false") == ("logging.progress", False)
     cfg = load_config(None, ["moe.capacity_factor=0", "optim.lr=1"])
-    assert cfg.moe.dropless and cfg.optim.lr == 1.0  # int accepted for a float key
+    assert cfg.moe.capacity_factor_for(True) is None and cfg.optim.lr == 1.0  # int accepted for a float key
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from dist_utils import free_port
 def test_bench_moe_layer_runs_all_three_layers():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
            "tools/bench_moe_layer.py", "--tokens", "256", "--d-model", "32", "--d-expert", "64", "--experts", "4",
-           "--warmup", "1", "--iters", "2"]
+           "--warmup", "1", "--iters", "2", "--profile", "1"]
     p = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -19,3 +19,7 @@ def test_bench_moe_layer_runs_all_three_layers():
     assert [(r[0], r[1]) for r in rows] == [(k, n) for k in "12" for n in ("ours", "deepspeed", "dense")]
     assert all(r[3] == "1.00" for r in rows if r[1] == "ours")
     assert all(float(r[4]) > 0 for r in rows)  # a peak was measured for every layer
+    assert "profile of ours, top-2, 1 forward+backward steps:" in p.stdout
+    calls = int(p.stdout.split("aten calls per forward+backward (nested calls included): ")[1].split()[0])
+    assert calls > 50  # the routed layer's ops were recorded
+    assert "aten::_grouped_mm" in p.stdout or "aten::mm" in p.stdout

@@ -3,6 +3,7 @@
     python tools/bench_moe_layer.py [--tokens 4096] [--d-model 256] [--d-expert 512] [--experts 8]
     torchrun --nproc_per_node 2 tools/bench_moe_layer.py          # ep=2 (gloo on CPU, nccl on GPU)
     python tools/bench_moe_layer.py --backends loop,torch         # ours on each grouped_mm backend
+    python tools/bench_moe_layer.py --profile 5                   # + where ours spends its time
 
 For top-1 and top-2 at capacity factor 1.25, on the same input, in one process group:
   ours      moe_dist.moe.layer.MoEFFN (sorted dispatch, variable-size all-to-all), one row
@@ -72,6 +73,21 @@ def cpu_peak_bytes(step) -> int:
     return peak
 
 
+def profile_table(step, iters: int, cuda: bool) -> str:
+    """torch.profiler over `iters` calls of step(): the ops by self CPU time (the host's
+    launch and Python cost, which bounds a small layer on a GPU), with CUDA times on GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            step()
+    events = prof.key_averages()
+    calls = sum(e.count for e in events if e.key.startswith("aten::")) / iters
+    head = f"aten calls per forward+backward (nested calls included): {calls:.0f}\n"
+    return head + events.table(sort_by="self_cpu_time_total", row_limit=25)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
@@ -82,6 +98,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--backends", default="auto", help="comma-separated moe.grouped_mm values for our layer")
+    p.add_argument("--profile", type=int, default=0, metavar="ITERS",
+                   help="after timing, profile ours (first --backends entry, top-2) over ITERS steps")
     a = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
@@ -150,6 +168,11 @@ def main() -> None:
             rows.append((k, n, med * 1000, peak / 2**20))
         if "auto" in a.backends.split(","):
             notes.append(f"top-{k}: auto ran {' and '.join(sorted(picks - {''}))}")
+        if a.profile and k == 2:  # every rank profiles (ep's collectives); rank 0 prints
+            first = next(iter(models))
+            table = profile_table(lambda: step(first), a.profile, cuda)
+            if rank == 0:
+                notes.append(f"\nprofile of {first}, top-2, {a.profile} forward+backward steps:\n{table}")
     if rank == 0:
         where = torch.cuda.get_device_name(device) if cuda else "CPU (gloo)"
         print(f"{where}, world {world} (ep={world}), {a.tokens} tokens/rank, d_model {D}, d_expert {F}, {E} experts, "
@@ -158,7 +181,10 @@ def main() -> None:
         for k, n, ms, mib in rows:
             base = next(r[2] for r in rows if r[0] == k and r[1].startswith("ours"))
             print(f"{k:<6}{n:<11}{ms:>11.2f}{ms / base:>9.2f}{mib:>10.2f}")
-        print("; ".join(notes))
+        print("; ".join(n for n in notes if not n.startswith("\n")))
+        for n in notes:
+            if n.startswith("\n"):
+                print(n)
 
 
 if __name__ == "__main__":

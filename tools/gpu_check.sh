@@ -3,7 +3,7 @@
 # single-GPU machine (no network: run tools/gpu_wheels.sh first, here, and carry .whl).
 #
 #     bash tools/gpu_check.sh kernels    # env report, GPU kernel tests (bf16, inductor), grouped-GEMM bench
-#     bash tools/gpu_check.sh layer      # MoE layer vs DeepSpeed-MoE vs dense; quickstart on one GPU
+#     bash tools/gpu_check.sh layer      # MoE layer vs DeepSpeed-MoE vs dense, profiled; quickstart on one GPU
 #     bash tools/gpu_check.sh compare    # tools/compare_models.py --scale gpu (results.md under $OUT)
 #     bash tools/gpu_check.sh suite      # the whole test suite on the GPU machine
 #
@@ -57,8 +57,11 @@ kernels)
 layer)
   # The shape (small) and a GPU-sized one, where the 1.3x-of-dense target is meant.
   run layer_small python3 tools/bench_moe_layer.py --backends auto,triton
+  # --profile: where the layer's fixed cost goes (host ops by self CPU time, with CUDA times).
   run layer_large python3 tools/bench_moe_layer.py --tokens 16384 --d-model 1024 --d-expert 2048 \
-    --experts 8 --backends auto,triton
+    --experts 8 --backends auto,triton --profile 5
+  run layer_profile_triton python3 tools/bench_moe_layer.py --tokens 16384 --d-model 1024 --d-expert 2048 \
+    --experts 8 --backends triton --profile 5
   # Mixtral's FFN width: the layer's fixed routing cost (~4-5 ms on an H100, docs/benchmarks.md)
   # is small next to the GEMMs here, which is where the 1.3x-of-dense target can hold.
   run layer_mixtral python3 tools/bench_moe_layer.py --tokens 16384 --d-model 4096 --d-expert 14336 \
