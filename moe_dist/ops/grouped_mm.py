@@ -234,7 +234,9 @@ class _ScatterGroupedMM(torch.autograd.Function):
     def backward(ctx, dy):
         x, w_EDF, offs_E1, sched_2B, slot_N, src_N, dst_N, scale_N = ctx.saved_tensors
         N, act, gdiv, sdiv, block_m = ctx.cfg
-        dy = dy.to(x.dtype)  # the kernels take one dtype; a caller's loss may hand back fp32
+        # Autograd hands back the output's dtype, which _sum_slots keeps equal to x's; the
+        # kernels take one dtype, so guard it (a no-op, no copy, when the dtypes agree).
+        dy = dy.to(x.dtype)
         need_x, need_w, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[7]
         dy_idx = dst_N if sdiv else None
         x_idx = src_N if gdiv else None

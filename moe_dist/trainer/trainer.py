@@ -161,7 +161,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(cuda)
 
 
-
 def verify_shards(data_dir: str, manifest: dict, layout: ParallelLayout) -> None:
     """Every shard of every split against the manifest's sha256, before any work. Rank r
     hashes shards r, r + world, ... of each split; the ranks then share what they found
