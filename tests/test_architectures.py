@@ -14,7 +14,7 @@ from moe_dist.models.transformer import LM
 from moe_dist.moe.aux import MoEAux, total_aux_loss
 from moe_dist.moe.balance import BalanceBias
 from moe_dist.moe.layer import MoEFFN
-from moe_dist.moe.router import cv_squared, entropy_regularizer, expert_capacity, route_topk
+from moe_dist.moe.router import cv_squared, entropy_regularizer, expert_capacity, route_topk, straight_through_load
 from moe_dist.moe.slice_layer import SliceMoEFFN, cross_slice_dropout
 from moe_dist.ops.activations import activation
 from test_moe_layer import reference_moe
@@ -404,15 +404,13 @@ def test_slice_capacity_loss_value_is_hard_counts_and_gradient_reaches_every_exp
     """The paper's CV^2 of hard counts is the value; its straight-through gradient (through
     K x the full softmax mass) reaches an expert that no pair selected, which the top-k
     weights (a softmax over the selected logits only) cannot."""
-    cfg = MoEConfig(num_experts=8, top_k=2, d_expert=4, num_slices=2, slice_router_hidden=4, capacity_factor=None)
-    layer = SliceMoEFFN(8, cfg, "relu").double()
     logits = torch.randn(64, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     logits[:, 7] -= 5.0  # a starved expert
     logits.requires_grad_()
     expert, _, probs = route_topk(logits, 2, "softmax")
     counts = torch.bincount(expert.reshape(-1), minlength=8).double()
     assert counts[7] == 0
-    cv2 = cv_squared(layer._straight_through_load(expert, probs))
+    cv2 = cv_squared(straight_through_load(counts, probs.sum(0), 2))
     assert cv2.item() == cv_squared(counts).item()
     cv2.backward()
     # d cv2 / d load_7 < 0 (below the mean), so gradient descent raises expert 7's logits.

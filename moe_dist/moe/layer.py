@@ -23,10 +23,12 @@ from moe_dist.moe.dispatch import sort_by_expert
 from moe_dist.moe.experts import GroupedExperts, autocast_input
 from moe_dist.moe.router import (
     RouterLinear,
+    cv_squared,
     entropy_regularizer,
     expert_capacity,
     route_topk,
     router_entropy,
+    straight_through_load,
     switch_lb_loss_from_sums,
 )
 from moe_dist.parallel.expert_parallel import ExpertParallel
@@ -128,11 +130,13 @@ def routing_aux(
     keep_TK: torch.Tensor,
     cfg: MoEConfig,
     capacity_factor: Optional[float],
-    extra_loss: Optional[torch.Tensor] = None,
+    slice_cap_loss_weight: Optional[float] = None,
     rows_per_seq: int = 1,
 ) -> MoEAux:
     """Losses and statistics of one routed call, over the global batch (summed over every
     rank, autograd through the sums), so they equal one process's on the same batch.
+    slice_cap_loss_weight: a SliceMoE call's capacity loss, weight x CV^2 of the
+    straight-through loads, built from this call's counts and softmax sums (None: not SliceMoE).
     rows_per_seq: routed rows of one sequence (its tokens, or (token, slice) pairs), for
     moe.entropy_scope=sequence."""
     T, K = expert_TK.shape
@@ -147,7 +151,8 @@ def routing_aux(
         "counts": torch.bincount(expert_TK.reshape(-1), minlength=E),
         "dropped": (~keep_TK).sum(),
     }
-    if cfg.lb_loss_weight > 0 or (entropy and not per_sequence):
+    slice_cap = slice_cap_loss_weight is not None
+    if cfg.lb_loss_weight > 0 or (entropy and not per_sequence) or slice_cap:
         local["probs"] = probs_TE.sum(0)
     if per_sequence:  # this rank's sequences; only the logged per-call value is summed here
         probs_seq = probs_TE.view(-1, rows_per_seq, E).sum(1)
@@ -165,8 +170,9 @@ def routing_aux(
     if cfg.z_loss_weight > 0:
         terms["z_loss"] = total["z"] / rows
         loss = loss + cfg.z_loss_weight * terms["z_loss"]
-    if extra_loss is not None:
-        loss = loss + extra_loss
+    if slice_cap:
+        cv2 = cv_squared(straight_through_load(counts_E, total["probs"], K))
+        loss = loss + slice_cap_loss_weight * cv2
     probs_sum, num_rows, num_sequences = None, rows, None
     if per_sequence:
         probs_sum, num_rows = probs_seq, rows_per_seq  # router dtype: summed over ranks below
@@ -175,6 +181,8 @@ def routing_aux(
     elif entropy:
         probs_sum = total["probs"].float()
         terms["entropy_reg"] = entropy_regularizer(probs_sum, rows)
+    if slice_cap:
+        terms["slice_cv2"] = cv2
     return MoEAux(
         name=name,
         group_key=key,

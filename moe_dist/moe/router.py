@@ -140,6 +140,15 @@ def cv_squared(load_E: torch.Tensor) -> torch.Tensor:
     return load_E.var(correction=0) / mean.square().clamp_min(1e-30)
 
 
+def straight_through_load(counts_E: torch.Tensor, probs_sum_E: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[E] per-expert loads for SliceMoE's capacity loss, from sums over the global batch: the
+    value is the hard counts, the gradient that of top_k x importance (probs_sum_E: each
+    expert's summed FULL softmax, Shazeer et al. 2017), as Switch's f_i * P_i pairs a hard
+    count with a soft probability (see slice_layer.py)."""
+    soft_E = top_k * probs_sum_E
+    return counts_E.to(soft_E.dtype) + (soft_E - soft_E.detach())
+
+
 class RouterLinear(torch.nn.Linear):
     """A Linear that computes in its input's dtype. Routers run in float32 even where the
     parameters are bf16 (DeepSpeed's bf16 mode casts the whole model; its optimizer keeps

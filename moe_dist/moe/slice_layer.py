@@ -35,7 +35,7 @@ from moe_dist.moe.balance import BalanceBias
 from moe_dist.moe.dispatch import sort_by_expert
 from moe_dist.moe.experts import GroupedExperts, autocast_input
 from moe_dist.moe.layer import router_dtype, routing_aux
-from moe_dist.moe.router import RouterLinear, cv_squared, route_topk
+from moe_dist.moe.router import RouterLinear, route_topk
 from moe_dist.parallel.expert_parallel import ExpertParallel
 
 
@@ -91,14 +91,6 @@ class SliceMoEFFN(nn.Module):
         if self.ep.size > 1:
             self.experts.shard(*self.ep.local_range(self.num_experts))
 
-    def _straight_through_load(self, expert_PK: torch.Tensor, probs_PE: torch.Tensor) -> torch.Tensor:
-        """[E] loads over the global batch: the value is the hard counts, the gradient that
-        of K * importance (module docstring). Both sums travel in one all-reduce."""
-        counts_E = torch.bincount(expert_PK.reshape(-1), minlength=self.num_experts).to(probs_PE.dtype)
-        counts_E, importance_E = self.ep.sum_stats_many([counts_E, probs_PE.sum(0)])
-        soft_E = self.top_k * importance_E
-        return counts_E + (soft_E - soft_E.detach())
-
     def forward(self, x_BSD: torch.Tensor, x_route_BSD: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, MoEAux]:
         B, S, D = x_BSD.shape
         P, E, K, cfg = B * S * self.num_slices, self.num_experts, self.top_k, self.cfg
@@ -118,12 +110,10 @@ class SliceMoEFFN(nn.Module):
             # A weight dropped by cross-slice dropout is not computed, so it takes no slot.
             active_PK = None if slice_drop_PK is None else ~slice_drop_PK
             keep_PK = self.ep.capacity_mask(expert_PK, E, cf, active_PK)
-            cv2 = cv_squared(self._straight_through_load(expert_PK, probs_PE))
             # Drops counted are capacity drops only: the dropout ones are `skipped`.
             capacity_keep_PK = keep_PK if slice_drop_PK is None else keep_PK | slice_drop_PK
             aux = routing_aux(self.ep, "ffn", id(self), logits_PE, probs_PE, expert_PK, capacity_keep_PK, cfg, cf,
-                              cfg.slice_cap_loss_weight * cv2, rows_per_seq=S * self.num_slices)
-            aux.terms["slice_cv2"] = cv2.detach().float()
+                              cfg.slice_cap_loss_weight, rows_per_seq=S * self.num_slices)
             if slice_drop_PK is not None:
                 aux.skipped = slice_drop_PK.sum()  # counted, never silent
         aux.balance_bias = self.balance.live_bias
