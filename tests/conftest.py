@@ -1,6 +1,7 @@
 """Shared fixtures: a private data cache and one tiny prepared corpus per test session."""
 
 import os
+import shutil
 import sys
 
 import pytest
@@ -42,6 +43,17 @@ TINY = [
     "optim.lr=3e-3",
     "logging.progress=false",
 ]
+
+
+def copy_with_corrupt_shard(src, dest, manifest: dict, split: str, index: int):
+    """Copy the prepared data dir src to dest (a pathlib.Path) and flip one byte of shard
+    `index` of `split` there: same size, another sha256. Returns that shard's path."""
+    shutil.copytree(src, dest)
+    shard = dest / manifest["splits"][split]["shards"][index]["file"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return shard
 
 
 @pytest.fixture

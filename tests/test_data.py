@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import copy_with_corrupt_shard
 from moe_dist.data.loader import build_loader, data_tokenizer, read_manifest, shard_paths
 from moe_dist.config import DataConfig
 from moe_dist.data.prepare import prepare, read_documents
@@ -145,18 +146,12 @@ def prepared(tmp_path_factory):
 
 
 def test_missing_and_corrupt_shards_are_named(prepared, tmp_path):
-    import shutil
-
     src, manifest = prepared
     d = tmp_path / "copy"
-    shutil.copytree(src, d)
-    shard = d / manifest["splits"]["train"]["shards"][1]["file"]
-    data = bytearray(shard.read_bytes())
-    data[2000] ^= 0xFF  # same size, different content
-    shard.write_bytes(bytes(data))
+    shard = copy_with_corrupt_shard(src, d, manifest, "train", 1)
     with pytest.raises(DataError, match=rf"corrupt shard {shard}: sha256 differs from the manifest"):
         shard_paths(str(d), manifest, "train", verify=True)
-    shard.write_bytes(bytes(data[:1000]))
+    shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(DataError, match=rf"corrupt shard {shard}: 1000 bytes, manifest says"):
         shard_paths(str(d), manifest, "train", verify=False)
     shard.unlink()
@@ -186,17 +181,11 @@ def _verify_on_ranks(rank, world, data_dir, manifest, out_dir):
 def test_ranks_split_the_shard_hashing_and_all_stop_on_a_corrupt_one(prepared, tmp_path):
     """Each shard is hashed by one rank, not by every rank; the corrupt one (train shard 1,
     rank 1's share) stops rank 0 too, with the same message."""
-    import shutil
-
     from dist_utils import run_distributed
 
     src, manifest = prepared
     d = tmp_path / "copy"
-    shutil.copytree(src, d)
-    shard = d / manifest["splits"]["train"]["shards"][1]["file"]
-    data = bytearray(shard.read_bytes())
-    data[2000] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    shard = copy_with_corrupt_shard(src, d, manifest, "train", 1)
     run_distributed(_verify_on_ranks, 2, str(d), manifest, str(tmp_path))
     per_rank = [json.load(open(tmp_path / f"{r}.json")) for r in range(2)]
     every = [s["file"] for split in manifest["splits"].values() for s in split["shards"]]

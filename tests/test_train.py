@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, copy_with_corrupt_shard
 from moe_dist.config import load_config
 from moe_dist.errors import CheckpointError
 from moe_dist.train import main
@@ -186,17 +186,11 @@ def test_explicit_data_dir_must_exist(tmp_path, capsys):
 def test_corrupt_val_shard_stops_training_before_any_step(tmp_path, capsys):
     """Both splits are hashed before the model is built (the eval loader reads without
     checking); data.verify_shards=false skips the hashes, not the size checks."""
-    import shutil
-
     from moe_dist.data.cache import ensure_prepared
 
     src, manifest = ensure_prepared(load_config(None, TINY).data)
     d = tmp_path / "data"
-    shutil.copytree(src, d)
-    shard = d / manifest["splits"]["val"]["shards"][0]["file"]
-    data = bytearray(shard.read_bytes())
-    data[1500] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    shard = copy_with_corrupt_shard(src, d, manifest, "val", 0)
     args = TINY + [f"run.dir={tmp_path}/run", f"data.dir={d}", "train.max_steps=1", "train.eval_every=0"]
     assert main(args) == 2
     assert f"error: corrupt shard {shard}: sha256 differs from the manifest" in capsys.readouterr().err
