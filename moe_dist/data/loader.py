@@ -77,6 +77,15 @@ def shard_hash_errors(data_dir: str, manifest: dict, split: str, rank: int = 0, 
     return errors
 
 
+def _require_enough_shards(num_shards: int, world: int, workers: int, what: str) -> None:
+    """Every (rank, loader worker) reads whole shards of its own: each needs at least one."""
+    if num_shards < world * workers:
+        raise DataError(
+            f"{what} cannot feed {world} rank(s) x {workers} worker(s): lower data.samples_per_shard "
+            "(and prepare again) or data.num_workers"
+        )
+
+
 def _read_shard(path: str, sample_len: int, dtype: np.dtype) -> np.ndarray:
     """All samples of one shard as a [n, sample_len] array (a shard is ~0.5 MB)."""
     from webdataset.tariterators import tarfile_samples
@@ -140,13 +149,8 @@ class TokenStream(IterableDataset):
         order = list(range(len(self.paths)))
         if self.shuffle:
             random.Random(f"{self.seed}-shards-{epoch}").shuffle(order)
-        mine = order[self.rank :: self.world][worker::n_workers]
-        if not mine:
-            raise DataError(
-                f"{len(self.paths)} shard(s) cannot feed {self.world} rank(s) x {n_workers} "
-                "worker(s): lower data.samples_per_shard (and prepare again) or data.num_workers"
-            )
-        return mine
+        _require_enough_shards(len(self.paths), self.world, n_workers, f"{len(self.paths)} shard(s)")
+        return order[self.rank :: self.world][worker::n_workers]
 
     def _windows(self, epoch: int) -> Iterator[np.ndarray]:
         per_sample = (self.sample_len - 1) // self.seq_len
@@ -190,11 +194,7 @@ def build_loader(
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     n = len(manifest["splits"][split]["shards"])
-    if n < world * max(1, num_workers):  # TokenStream's check, here before any work
-        raise DataError(
-            f"{n} {split} shard(s) in {data_dir} cannot feed {world} rank(s) x {max(1, num_workers)} "
-            "worker(s): lower data.samples_per_shard (and prepare again) or data.num_workers"
-        )
+    _require_enough_shards(n, world, max(1, num_workers), f"{n} {split} shard(s) in {data_dir}")  # before any work
 
     # torchdata 0.11 calls a torch API that torch 2.13 deprecated; the call is harmless.
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
