@@ -117,7 +117,7 @@ def main() -> None:
     D, F, E = a.d_model, a.d_expert, a.experts
     torch.manual_seed(0)
     x = torch.randn(a.tokens, D, device=device, dtype=dtype)
-    rows, notes = [], []
+    rows, notes, profile_text = [], [], ""
     for k in (1, 2):
         models = {}
         for backend in a.backends.split(","):
@@ -171,8 +171,7 @@ def main() -> None:
         if a.profile and k == 2:  # every rank profiles (ep's collectives); rank 0 prints
             first = next(iter(models))
             table = profile_table(lambda: step(first), a.profile, cuda)
-            if rank == 0:
-                notes.append(f"\nprofile of {first}, top-2, {a.profile} forward+backward steps:\n{table}")
+            profile_text = f"\nprofile of {first}, top-2, {a.profile} forward+backward steps:\n{table}"
     if rank == 0:
         where = torch.cuda.get_device_name(device) if cuda else "CPU (gloo)"
         print(f"{where}, world {world} (ep={world}), {a.tokens} tokens/rank, d_model {D}, d_expert {F}, {E} experts, "
@@ -181,10 +180,9 @@ def main() -> None:
         for k, n, ms, mib in rows:
             base = next(r[2] for r in rows if r[0] == k and r[1].startswith("ours"))
             print(f"{k:<6}{n:<11}{ms:>11.2f}{ms / base:>9.2f}{mib:>10.2f}")
-        print("; ".join(n for n in notes if not n.startswith("\n")))
-        for n in notes:
-            if n.startswith("\n"):
-                print(n)
+        print("; ".join(notes))
+        if profile_text:
+            print(profile_text)
 
 
 if __name__ == "__main__":
