@@ -176,6 +176,7 @@ def verify_shards(data_dir: str, manifest: dict, layout: ParallelLayout) -> None
     if errors:
         raise DataError(errors[0] + (f" (and {len(errors) - 1} more corrupt shard(s))" if len(errors) > 1 else ""))
 
+
 class Trainer:
     def __init__(self, cfg: Config, log=print):
         self.cfg = cfg
