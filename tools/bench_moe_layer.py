@@ -99,7 +99,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--backends", default="auto", help="comma-separated moe.grouped_mm values for our layer")
     p.add_argument("--profile", type=int, default=0, metavar="ITERS",
-                   help="after timing, profile ours (first --backends entry, top-2) over ITERS steps")
+                   help="after timing, profile ours (each --backends entry, top-2) over ITERS steps")
     a = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
@@ -117,7 +117,7 @@ def main() -> None:
     D, F, E = a.d_model, a.d_expert, a.experts
     torch.manual_seed(0)
     x = torch.randn(a.tokens, D, device=device, dtype=dtype)
-    rows, notes, profile_text = [], [], ""
+    rows, notes, profiles = [], [], []
     for k in (1, 2):
         models = {}
         for backend in a.backends.split(","):
@@ -169,9 +169,9 @@ def main() -> None:
         if "auto" in a.backends.split(","):
             notes.append(f"top-{k}: auto ran {' and '.join(sorted(picks - {''}))}")
         if a.profile and k == 2:  # every rank profiles (ep's collectives); rank 0 prints
-            first = next(iter(models))
-            table = profile_table(lambda: step(first), a.profile, cuda)
-            profile_text = f"\nprofile of {first}, top-2, {a.profile} forward+backward steps:\n{table}"
+            for name in (n for n in models if n.startswith("ours")):
+                table = profile_table(lambda: step(name), a.profile, cuda)
+                profiles.append(f"\nprofile of {name}, top-2, {a.profile} forward+backward steps:\n{table}")
     if rank == 0:
         where = torch.cuda.get_device_name(device) if cuda else "CPU (gloo)"
         print(f"{where}, world {world} (ep={world}), {a.tokens} tokens/rank, d_model {D}, d_expert {F}, {E} experts, "
@@ -181,8 +181,8 @@ def main() -> None:
             base = next(r[2] for r in rows if r[0] == k and r[1].startswith("ours"))
             print(f"{k:<6}{n:<11}{ms:>11.2f}{ms / base:>9.2f}{mib:>10.2f}")
         print("; ".join(notes))
-        if profile_text:
-            print(profile_text)
+        for text in profiles:
+            print(text)
 
 
 if __name__ == "__main__":

@@ -63,8 +63,6 @@ layer)
   # --profile: where the layer's fixed cost goes (host ops by self CPU time, with CUDA times).
   run layer_large python3 tools/bench_moe_layer.py --tokens 16384 --d-model 1024 --d-expert 2048 \
     --experts 8 --backends auto,triton --profile 5
-  run layer_profile_triton python3 tools/bench_moe_layer.py --tokens 16384 --d-model 1024 --d-expert 2048 \
-    --experts 8 --backends triton --profile 5
   # Mixtral's FFN width: the layer's fixed routing cost (~4-5 ms on an H100, docs/benchmarks.md)
   # is small next to the GEMMs here, which is where the 1.3x-of-dense target can hold.
   run layer_mixtral python3 tools/bench_moe_layer.py --tokens 16384 --d-model 4096 --d-expert 14336 \
