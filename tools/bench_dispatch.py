@@ -75,6 +75,9 @@ def _worker(rank, world, port, a, out):
     out.put((rank, statistics.median(times), sent / a.iters, remote, expert_TK.numel(), x.element_size()))
     if world > 1:
         dist.destroy_process_group()
+        # No interpreter finalization while `layer` still owns the ep group: its gloo worker
+        # thread may need the GIL to release a finished all_to_all (see moe_dist/train.py).
+        os._exit(0)
 
 
 def free_port() -> int:
