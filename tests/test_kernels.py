@@ -326,7 +326,7 @@ def test_grouped_mm_triton_backend(dtype):
 
 def test_auto_backend_choice():
     """CPU: torch._grouped_mm, except the fused MLP on large expert groups and what torch
-    cannot run. CUDA: torch._grouped_mm in bf16 (the kernels are opt-in until benchmarked)."""
+    cannot run. CUDA: torch._grouped_mm in bf16 (the kernels are opt-in, see ops/grouped_mm.py)."""
     x, w = torch.randn(4, 16), torch.randn(2, 16, 16)
     assert ops._resolve("auto", x, w) == "torch"
     rows = 2 * ops.CPU_LOOP_MIN_ELEMS_PER_EXPERT // (16 + 16)  # 2 experts, D + H = 32
