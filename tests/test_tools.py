@@ -11,10 +11,11 @@ from dist_utils import free_port
 def test_bench_moe_layer_runs_all_three_layers():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
            "tools/bench_moe_layer.py", "--tokens", "256", "--d-model", "32", "--d-expert", "64", "--experts", "4",
-           "--warmup", "1", "--iters", "2", "--profile", "1"]
+           "--warmup", "1", "--iters", "2", "--repeat", "2", "--profile", "1"]
     p = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "cf 1.25, torch.float32, median of 2 samples of 2 back-to-back step(s)" in p.stdout
     rows = [line.split() for line in p.stdout.splitlines() if line[:2] in ("1 ", "2 ")]
     assert [(r[0], r[1]) for r in rows] == [(k, n) for k in "12" for n in ("ours", "deepspeed", "dense")]
     assert all(r[3] == "1.00" for r in rows if r[1] == "ours")

@@ -11,8 +11,11 @@ For top-1 and top-2 at capacity factor 1.25, on the same input, in one process g
   deepspeed deepspeed.moe.layer.MoE (GShard einsum dispatch, capacity-padded all-to-all),
             experts of the same shape (no biases), use_rts=False
   dense     a GELU FFN of hidden k x d_expert: the same matmul FLOPs per token
-Each is timed forward+backward (median of --iters after --warmup), interleaved round-robin
-so machine noise hits all three alike. Peak memory: torch.cuda.max_memory_allocated on GPU;
+Each is timed forward+backward, interleaved round-robin so machine noise hits all three
+alike: the median over --iters samples (after --warmup), each sample --repeat steps run
+back to back between two device syncs, divided by --repeat. On a GPU the default repeat of
+10 lets the host queue step i+1 while step i runs, as in training; one step per sync would
+time the host's launch latency plus an idle GPU for every layer, dense included. Peak memory: torch.cuda.max_memory_allocated on GPU;
 on CPU the peak of live bytes allocated during one forward+backward, from torch.profiler's
 memory events (CPU has no allocator statistics).
 """
@@ -97,12 +100,16 @@ def main() -> None:
     p.add_argument("--capacity-factor", type=float, default=1.25)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--repeat", type=int, default=None, help="steps per timed sample (default: 10 on GPU, 1 on CPU)")
     p.add_argument("--backends", default="auto", help="comma-separated moe.grouped_mm values for our layer")
     p.add_argument("--profile", type=int, default=0, metavar="ITERS",
                    help="after timing, profile ours (each --backends entry, top-2) over ITERS steps")
     a = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
+    repeat = a.repeat or (10 if cuda else 1)
+    if repeat < 1:
+        p.error("--repeat must be >= 1")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     import deepspeed
 
@@ -144,6 +151,8 @@ def main() -> None:
             else:
                 loss = out.float().square().mean()
             loss.backward()
+
+        def sync():
             if cuda:
                 torch.cuda.synchronize()
 
@@ -152,15 +161,19 @@ def main() -> None:
         for i in range(a.warmup + a.iters):
             for n in models:
                 dist.barrier()
+                sync()
                 t0 = time.perf_counter()
-                step(n)
+                for _ in range(repeat):
+                    step(n)
+                sync()
                 if i >= a.warmup:
-                    times[n].append(time.perf_counter() - t0)
+                    times[n].append((time.perf_counter() - t0) / repeat)
         for n in models:
             dist.barrier()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
                 step(n, pick=True)
+                sync()
                 peak = torch.cuda.max_memory_allocated()
             else:
                 peak = cpu_peak_bytes(lambda: step(n, pick=True))
@@ -175,7 +188,7 @@ def main() -> None:
     if rank == 0:
         where = torch.cuda.get_device_name(device) if cuda else "CPU (gloo)"
         print(f"{where}, world {world} (ep={world}), {a.tokens} tokens/rank, d_model {D}, d_expert {F}, {E} experts, "
-              f"cf {a.capacity_factor}, {dtype}, median of {a.iters}")
+              f"cf {a.capacity_factor}, {dtype}, median of {a.iters} samples of {repeat} back-to-back step(s)")
         print(f"{'top-k':<6}{'layer':<11}{'fwd+bwd ms':>11}{'vs ours':>9}{'peak MiB':>10}")
         for k, n, ms, mib in rows:
             base = next(r[2] for r in rows if r[0] == k and r[1].startswith("ours"))
