@@ -19,6 +19,9 @@ and combine included: expert_mlp on "triton" (gather, activation, routing weight
 fused into the GEMMs) against the unfused "torch" path (permuted copy, _grouped_mm,
 activation, _grouped_mm, weight, index_add). Times are medians of triton.testing.do_bench
 (ms); the first call of each shape autotunes (Hopper configs), outside the timing.
+do_bench clears the L2 cache before each call, so a call's host-side launch cost shows in
+its time whenever it exceeds the GPU's. The "host us" columns measure that cost alone: 20
+calls queued without a sync, host time per call.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -45,12 +49,26 @@ FAMILIES = {  # the two families with targets (issue 5) first
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def bench(fn, rep_ms: int) -> float:
+def bench(fn, rep_ms: int) -> tuple[float, float]:
+    """(median ms per call from do_bench, host us per call)."""
     import triton.testing
 
     fn()  # autotune / warm caches outside the timing
     torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median")
+    ms = triton.testing.do_bench(fn, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median")
+    return ms, host_us(fn)
+
+
+def host_us(fn, calls: int = 20) -> float:
+    """Host time per call (us) with the GPU never waited for: 20 calls stay far below the
+    launch queue's depth. A call that syncs (the loop's counts) waits for its kernels here."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
 
 
 def routing(T: int, K: int, E: int, heads: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +82,8 @@ def routing(T: int, K: int, E: int, heads: int, device) -> tuple[torch.Tensor, t
 
 
 def bench_gemm(ops, x_ND, w_GIO, counts_G, rep_ms: int) -> dict:
-    """Forward and backward of one grouped GEMM for every method: {method: (fwd_ms, bwd_ms)}."""
+    """Forward and backward of one grouped GEMM for every method: {method: (fwd, bwd)}, each
+    (median ms, host us) from bench()."""
     N, Din, Dout = x_ND.shape[0], w_GIO.shape[1], w_GIO.shape[2]
     dy = torch.randn(N, Dout, device=x_ND.device, dtype=x_ND.dtype)
     x = x_ND.detach().requires_grad_()
@@ -115,11 +134,12 @@ def bench_mlp(ops, x_TD, w_in, w_out, counts_G, slot_N, K, weight_N, act, rep_ms
 
 def report(title: str, flops_fwd: float, results: dict, rows: list) -> None:
     print(f"  {title}  ({flops_fwd / 1e9:.1f} GFLOP forward)")
-    print(f"    {'method':<14} {'fwd ms':>9} {'TFLOP/s':>8} {'bwd ms':>9} {'TFLOP/s':>8}")
-    for name, (t_fwd, t_bwd) in results.items():
+    print(f"    {'method':<14} {'fwd ms':>9} {'TFLOP/s':>8} {'host us':>8} {'bwd ms':>9} {'TFLOP/s':>8} {'host us':>8}")
+    for name, ((t_fwd, h_fwd), (t_bwd, h_bwd)) in results.items():
         tf_fwd, tf_bwd = flops_fwd / max(t_fwd, 1e-6) / 1e9, 2 * flops_fwd / max(t_bwd, 1e-6) / 1e9
-        print(f"    {name:<14} {t_fwd:9.3f} {tf_fwd:8.1f} {t_bwd:9.3f} {tf_bwd:8.1f}")
-        rows.append(dict(case=title, method=name, fwd_ms=t_fwd, fwd_tflops=tf_fwd, bwd_ms=t_bwd, bwd_tflops=tf_bwd))
+        print(f"    {name:<14} {t_fwd:9.3f} {tf_fwd:8.1f} {h_fwd:8.0f} {t_bwd:9.3f} {tf_bwd:8.1f} {h_bwd:8.0f}")
+        rows.append(dict(case=title, method=name, fwd_ms=t_fwd, fwd_tflops=tf_fwd, fwd_host_us=h_fwd, bwd_ms=t_bwd,
+                         bwd_tflops=tf_bwd, bwd_host_us=h_bwd))
 
 
 def main(argv=None) -> int:
