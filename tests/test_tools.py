@@ -24,3 +24,12 @@ def test_bench_moe_layer_runs_all_three_layers():
     calls = int(p.stdout.split("aten calls per forward+backward (nested calls included): ")[1].split()[0])
     assert calls > 50  # the routed layer's ops were recorded
     assert "aten::_grouped_mm" in p.stdout or "aten::mm" in p.stdout
+
+
+def test_bench_host_overhead_times_both_launch_paths():
+    p = subprocess.run([sys.executable, "tools/bench_host_overhead.py", "--rounds", "1", "--calls", "3", "--tokens", "64"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in p.stdout.splitlines()[2:]}
+    assert set(rows) == {"ops", "direct"}
+    assert all(len(v) == 2 and min(v) > 0 for v in rows.values())

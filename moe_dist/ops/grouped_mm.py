@@ -154,9 +154,11 @@ def _resolve(
 # ---- torch.library custom ops over the launchers: opaque to torch.compile, with fake impls ----
 
 
-@torch.library.custom_op("moe_dist::block_schedule", mutates_args=())
-def _block_schedule_op(tokens_per_expert_E: torch.Tensor, num_rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_schedule_impl(tokens_per_expert_E: torch.Tensor, num_rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _kernels()[1].block_schedule(tokens_per_expert_E, num_rows, block_m)
+
+
+_block_schedule_op = torch.library.custom_op("moe_dist::block_schedule", _block_schedule_impl, mutates_args=())
 
 
 @_block_schedule_op.register_fake
@@ -166,8 +168,7 @@ def _(tokens_per_expert_E, num_rows, block_m):
     return tokens_per_expert_E.new_empty(E + 1, dtype=torch.int32), tokens_per_expert_E.new_empty(2, B, dtype=torch.int32)
 
 
-@torch.library.custom_op("moe_dist::grouped_gemm", mutates_args=())
-def _grouped_gemm_op(
+def _grouped_gemm_impl(
     a: torch.Tensor, b: torch.Tensor, offs_E1: torch.Tensor, sched_2B: torch.Tensor,
     a_idx_N: Optional[torch.Tensor], c_idx_N: Optional[torch.Tensor], scale_N: Optional[torch.Tensor],
     x: Optional[torch.Tensor], x_idx_N: Optional[torch.Tensor],
@@ -180,6 +181,9 @@ def _grouped_gemm_op(
     return c, dscale_N if dscale_N is not None else a.new_empty(0, dtype=torch.float32)
 
 
+_grouped_gemm_op = torch.library.custom_op("moe_dist::grouped_gemm", _grouped_gemm_impl, mutates_args=())
+
+
 @_grouped_gemm_op.register_fake
 def _(a, b, offs_E1, sched_2B, a_idx_N, c_idx_N, scale_N, x, x_idx_N, out_rows, act_a, epi_act, want_dscale, block_m):
     N = a_idx_N.shape[0] if a_idx_N is not None else a.shape[0]
@@ -187,18 +191,38 @@ def _(a, b, offs_E1, sched_2B, a_idx_N, c_idx_N, scale_N, x, x_idx_N, out_rows, 
     return a.new_empty(out_rows, width), a.new_empty(N if want_dscale else 0, dtype=torch.float32)
 
 
-@torch.library.custom_op("moe_dist::grouped_wgrad", mutates_args=())
-def _grouped_wgrad_op(
+def _grouped_wgrad_impl(
     a: torch.Tensor, b: torch.Tensor, offs_E1: torch.Tensor, a_idx_N: Optional[torch.Tensor],
     b_idx_N: Optional[torch.Tensor], scale_N: Optional[torch.Tensor], act_a: str,
 ) -> torch.Tensor:  # fmt: skip
     return _kernels()[0].grouped_wgrad(a, b, offs_E1, a_idx_N=a_idx_N, b_idx_N=b_idx_N, scale_N=scale_N, act_a=act_a)
 
 
+_grouped_wgrad_op = torch.library.custom_op("moe_dist::grouped_wgrad", _grouped_wgrad_impl, mutates_args=())
+
+
 @_grouped_wgrad_op.register_fake
 def _(a, b, offs_E1, a_idx_N, b_idx_N, scale_N, act_a):
     width = 2 if act_a == "swiglu" else 1
     return a.new_empty(offs_E1.shape[0] - 1, a.shape[1] // width, b.shape[1])
+
+
+def _eager_or_op(impl, op):
+    """Under torch.compile, the custom op (traceable: a fake impl, no graph break); in eager,
+    the launcher itself. Dispatch through torch.library costs host time, which bounds a
+    small MoE layer on a GPU: with the kernels stubbed out, a triton-backend grouped_mm took
+    64 us forward and 98 us backward through the ops, 35 and 54 us direct (2-core CPU;
+    tools/bench_host_overhead.py, docs/benchmarks.md)."""
+
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else impl(*args)
+
+    return call
+
+
+_block_schedule = _eager_or_op(_block_schedule_impl, _block_schedule_op)
+_grouped_gemm = _eager_or_op(_grouped_gemm_impl, _grouped_gemm_op)
+_grouped_wgrad = _eager_or_op(_grouped_wgrad_impl, _grouped_wgrad_op)
 
 
 def _sum_slots(c_MF: torch.Tensor, per_row: int) -> torch.Tensor:
@@ -224,7 +248,7 @@ class _ScatterGroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_EDF, offs_E1, sched_2B, slot_N, src_N, dst_N, scale_N, act, gdiv, sdiv, n_out, block_m):
         N = slot_N.shape[0] if gdiv else x.shape[0]
-        c, _ = torch.ops.moe_dist.grouped_gemm(
+        c, _ = _grouped_gemm(
             x, w_EDF, offs_E1, sched_2B, src_N if gdiv else None, slot_N if sdiv else None,
             scale_N, None, None, n_out * sdiv if sdiv else N, act, "none", False, block_m,
         )  # fmt: skip
@@ -245,7 +269,7 @@ class _ScatterGroupedMM(torch.autograd.Function):
         dx = dw = dscale = None
         if need_x or need_s:
             use_x = act != "none" or need_s
-            dpre, dscale = torch.ops.moe_dist.grouped_gemm(
+            dpre, dscale = _grouped_gemm(
                 dy, w_EDF.transpose(1, 2), offs_E1, sched_2B, dy_idx, slot_N if gdiv else None, scale_N,
                 x if use_x else None, x_idx if use_x else None, x.shape[0] * gdiv if gdiv else N,
                 "none", act, need_s, block_m,
@@ -253,14 +277,14 @@ class _ScatterGroupedMM(torch.autograd.Function):
             dx = _sum_slots(dpre, gdiv)
             dscale = dscale.to(scale_N.dtype) if need_s else None
         if need_w:
-            dw = torch.ops.moe_dist.grouped_wgrad(x, dy, offs_E1, x_idx, dy_idx, scale_N, act)
+            dw = _grouped_wgrad(x, dy, offs_E1, x_idx, dy_idx, scale_N, act)
         return dx, dw, None, None, None, None, None, dscale, None, None, None, None, None
 
 
 def _plan(tokens_per_expert_E: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Block schedule (on device, no sync) shared by every GEMM over the same routed rows."""
     block_m = _kernels()[0].pick_block_m(num_rows, tokens_per_expert_E.shape[0])
-    offs_E1, sched_2B = torch.ops.moe_dist.block_schedule(tokens_per_expert_E, num_rows, block_m)
+    offs_E1, sched_2B = _block_schedule(tokens_per_expert_E, num_rows, block_m)
     return offs_E1, sched_2B, block_m
 
 
