@@ -28,16 +28,22 @@ def _worker(rank, world, port, fn, args, errors):
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")  # SimpleQueue: written before put returns
         code = 1
     finally:
-        dist.destroy_process_group()
-    # No interpreter finalization, as in moe_dist.train: a group that fn left alive (a
-    # ParallelLayout caught in a traceback's reference cycle) still has a gloo worker thread
-    # that may be releasing a finished collective's tensors. It needs the GIL, and a thread
-    # taking the GIL during finalization aborts the process ("terminate called without an
-    # active exception", SIGABRT; 1 run in ~20 of test_ranks_split_the_shard_hashing_...,
-    # gdb: ~AsyncAllgatherWork in ProcessGroupGloo::runLoop -> take_gil -> pthread_exit).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        # No interpreter finalization, as in moe_dist.train: a group that fn left alive (a
+        # ParallelLayout caught in a traceback's reference cycle) still has a gloo worker
+        # thread that may be releasing a finished collective's tensors. It needs the GIL, and
+        # a thread taking the GIL during finalization aborts the process ("terminate called
+        # without an active exception", SIGABRT; 1 run in ~20 of
+        # test_ranks_split_the_shard_hashing_..., gdb: ~AsyncAllgatherWork in
+        # ProcessGroupGloo::runLoop -> take_gil -> pthread_exit).
+        try:
+            dist.destroy_process_group()
+        except BaseException:
+            errors.put(f"rank {rank}: destroy_process_group:\n{traceback.format_exc()}")
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
 
 def run_distributed(fn, world: int, *args) -> None:

@@ -382,6 +382,39 @@ def test_expert_mlp_traces_under_torch_compile():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_fake_tensors_and_dispatch_modes_reach_the_custom_ops():
+    """Eager calls skip the custom ops' dispatch (host time), but tracing tools must still
+    see the ops and their fake impls: shapes out, no kernel launched on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    T, K, E, D, F = 9, 2, 3, 16, 24
+    slot_N, counts_E = routing(T, K, E, seed=5)
+    real = [rand(T, D, dtype=torch.float32), rand(E, D, 2 * F, dtype=torch.float32), rand(E, F, D, dtype=torch.float32)]
+
+    def f(x, w_in, w_out, slot, counts):
+        return ops.expert_mlp(x, w_in, w_out, counts, slot, K, None, "swiglu", backend="triton")
+
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (*real, slot_N, counts_E)]
+        assert f(*fake).shape == (T, D)
+    graph = make_fx(f)(*real, slot_N, counts_E)
+    targets = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+    assert {"moe_dist.block_schedule.default", "moe_dist.grouped_gemm.default"} <= targets, targets
+
+
+def test_double_backward_through_the_kernels_is_refused():
+    """The kernels' backward has no derivative of its own: create_graph must fail loudly,
+    not return second-order gradients with the grouped matmul's term missing."""
+    slot_N, counts_E = routing(8, 1, 3, seed=2)
+    x = rand(8, 16, dtype=torch.float32).requires_grad_()
+    w = rand(3, 16, 8, dtype=torch.float32).requires_grad_()
+    y = ops.grouped_mm(x.index_select(0, slot_N), w, counts_E, "triton")
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dx.sum().backward()
+
+
 def test_expert_mlp_under_autocast_matches_loop_backend():
     """Training runs the experts under autocast. CUDA autocast computes `sum` in fp32, so the
     K-slot combine once returned fp32, and autograd handed the backward an fp32 gradient

@@ -107,7 +107,7 @@ def main() -> None:
     a = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
-    repeat = a.repeat or (10 if cuda else 1)
+    repeat = a.repeat if a.repeat is not None else (10 if cuda else 1)
     if repeat < 1:
         p.error("--repeat must be >= 1")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")

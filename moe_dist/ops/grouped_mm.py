@@ -40,6 +40,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from moe_dist.ops.activations import activation
 from moe_dist.ops.loop import LoopGroupedMM, loop_expert_mlp
@@ -208,14 +210,21 @@ def _(a, b, offs_E1, a_idx_N, b_idx_N, scale_N, act_a):
 
 
 def _eager_or_op(impl, op):
-    """Under torch.compile, the custom op (traceable: a fake impl, no graph break); in eager,
-    the launcher itself. Dispatch through torch.library costs host time, which bounds a
-    small MoE layer on a GPU: with the kernels stubbed out, a triton-backend grouped_mm took
-    64 us forward and 98 us backward through the ops, 35 and 54 us direct (2-core CPU;
-    tools/bench_host_overhead.py, docs/benchmarks.md)."""
+    """The launcher itself for plain eager tensors; the custom op (a fake impl, visible to
+    tracers) under torch.compile, a dispatch mode (FakeTensorMode, make_fx, activation-
+    checkpoint policies) or for fake and meta tensors. Dispatch through torch.library costs
+    host time, which bounds a small MoE layer on a GPU: with the kernels stubbed out, a
+    triton-backend grouped_mm took 64 us forward and 103 us backward through the ops, 38
+    and 60 us direct (2-core CPU; tools/bench_host_overhead.py, docs/benchmarks.md)."""
 
-    def call(*args):
-        return op(*args) if torch.compiler.is_compiling() else impl(*args)
+    def call(a, *args):
+        traced = (
+            torch.compiler.is_compiling()
+            or _get_current_dispatch_mode() is not None
+            or type(a) is not torch.Tensor
+            or a.device.type == "meta"
+        )
+        return op(a, *args) if traced else impl(a, *args)
 
     return call
 
@@ -257,6 +266,7 @@ class _ScatterGroupedMM(torch.autograd.Function):
         return _sum_slots(c, sdiv)
 
     @staticmethod
+    @once_differentiable  # the kernels have no derivative of their own: refuse create_graph
     def backward(ctx, dy):
         x, w_EDF, offs_E1, sched_2B, slot_N, src_N, dst_N, scale_N = ctx.saved_tensors
         N, act, gdiv, sdiv, block_m = ctx.cfg
