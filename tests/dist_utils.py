@@ -25,7 +25,9 @@ def _worker(rank, world, port, fn, args, errors):
     try:
         fn(rank, world, *args)
     except BaseException:
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")  # SimpleQueue: written before put returns
+        # SimpleQueue: written to the pipe before put returns. The parent reads only after
+        # the processes end, so a message must fit the pipe's 64 KiB buffer: keep the tail.
+        errors.put(f"rank {rank}:\n{traceback.format_exc()[-16000:]}")
         code = 1
     finally:
         # No interpreter finalization, as in moe_dist.train: a group that fn left alive (a
