@@ -15,6 +15,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _report(errors, rank: int, what: str) -> None:
+    """Send the exception being handled to the parent. SimpleQueue writes to the pipe before
+    put returns, and the parent reads only after the processes end, so a message must fit
+    the pipe's 64 KiB buffer: keep the tail."""
+    errors.put(f"rank {rank}{what}:\n{traceback.format_exc()[-16000:]}")
+
+
 def _worker(rank, world, port, fn, args, errors):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     import torch
@@ -25,9 +32,7 @@ def _worker(rank, world, port, fn, args, errors):
     try:
         fn(rank, world, *args)
     except BaseException:
-        # SimpleQueue: written to the pipe before put returns. The parent reads only after
-        # the processes end, so a message must fit the pipe's 64 KiB buffer: keep the tail.
-        errors.put(f"rank {rank}:\n{traceback.format_exc()[-16000:]}")
+        _report(errors, rank, "")
         code = 1
     finally:
         # No interpreter finalization, as in moe_dist.train: a group that fn left alive (a
@@ -40,7 +45,7 @@ def _worker(rank, world, port, fn, args, errors):
         try:
             dist.destroy_process_group()
         except BaseException:
-            errors.put(f"rank {rank}: destroy_process_group:\n{traceback.format_exc()}")
+            _report(errors, rank, ": destroy_process_group")
             code = 1
         finally:
             sys.stdout.flush()

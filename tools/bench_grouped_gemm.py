@@ -19,9 +19,9 @@ and combine included: expert_mlp on "triton" (gather, activation, routing weight
 fused into the GEMMs) against the unfused "torch" path (permuted copy, _grouped_mm,
 activation, _grouped_mm, weight, index_add). Times are medians of triton.testing.do_bench
 (ms); the first call of each shape autotunes (Hopper configs), outside the timing.
-do_bench clears the L2 cache before each call, so a call's host-side launch cost shows in
-its time whenever it exceeds the GPU's. The "host us" columns measure that cost alone: 20
-calls queued without a sync, host time per call.
+A call's host-side cost shows in its time when it exceeds the call's GPU time plus the
+L2-clearing memset do_bench queues before it. The "host us" columns measure that cost
+alone: 20 calls queued without a sync, host time per call.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ For top-1 and top-2 at capacity factor 1.25, on the same input, in one process g
 Each is timed forward+backward, interleaved round-robin so machine noise hits all three
 alike: the median over --iters samples (after --warmup), each sample --repeat steps run
 back to back between two device syncs, divided by --repeat. On a GPU the default repeat of
-10 lets the host queue step i+1 while step i runs, as in training; one step per sync would
-time the host's launch latency plus an idle GPU for every layer, dense included. Peak memory: torch.cuda.max_memory_allocated on GPU;
-on CPU the peak of live bytes allocated during one forward+backward, from torch.profiler's
+10 lets the host queue step i+1 while step i runs, as in training; with one step per sync a
+step's host time and GPU time would add up. Peak memory: torch.cuda.max_memory_allocated on
+GPU; on CPU the peak of live bytes allocated during one forward+backward, from torch.profiler's
 memory events (CPU has no allocator statistics).
 """
 
