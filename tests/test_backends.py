@@ -64,6 +64,8 @@ def one_process(tmp_path_factory):
 BACKENDS = {
     "ddp": ["train.backend=torch"],
     "fsdp2": ["train.backend=torch", "train.fsdp=true"],
+    # Blocks compiled in place, then fully_shard: the all-to-all syncs break their graphs.
+    "fsdp2_compiled": ["train.backend=torch", "train.fsdp=true", "train.compile=true", "train.compile_backend=aot_eager"],
     **{f"zero{s}": ["train.backend=deepspeed", f"deepspeed.zero_stage={s}"] for s in range(4)},
 }
 
@@ -75,7 +77,9 @@ def test_backends_match_one_process(backend, one_process, tmp_path):
     assert_close(one_process, rows(tmp_path))
     if backend == "ddp":
         assert "torch: DDP over 2 ranks; dense parameters replicated; expert shard of 12288 elements (ep=2)" in p.stdout
-    elif backend == "fsdp2":
+    elif backend.startswith("fsdp2"):
+        if backend == "fsdp2_compiled":
+            assert "train.compile: 2 block(s) compiled with aot_eager" in p.stdout
         assert ("torch: FSDP2 over 2 ranks; dense parameters sharded: 12576 of 25152 elements on rank 0; "
                 "expert shard of 12288 elements (ep=2)") in p.stdout
     elif backend == "zero3":

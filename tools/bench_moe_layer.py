@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 2 tools/bench_moe_layer.py          # ep=2 (gloo on CPU, nccl on GPU)
     python tools/bench_moe_layer.py --backends loop,torch         # ours on each grouped_mm backend
     python tools/bench_moe_layer.py --profile 5                   # + where ours spends its time
+    python tools/bench_moe_layer.py --capacity-factor 0 --compile # dropless, + ours and dense compiled
 
 For top-1 and top-2 at capacity factor 1.25, on the same input, in one process group:
   ours      moe_dist.moe.layer.MoEFFN (sorted dispatch, variable-size all-to-all), one row
@@ -11,6 +12,9 @@ For top-1 and top-2 at capacity factor 1.25, on the same input, in one process g
   deepspeed deepspeed.moe.layer.MoE (GShard einsum dispatch, capacity-padded all-to-all),
             experts of the same shape (no biases), use_rts=False
   dense     a GELU FFN of hidden k x d_expert: the same matmul FLOPs per token
+  +c        with --compile: ours (each backend) and dense again, under torch.compile
+            (inductor, nn.Module.compile), as train.compile runs the blocks
+--capacity-factor 0 is dropless: ours without a capacity, DeepSpeed with drop_tokens=False.
 Each is timed forward+backward, interleaved round-robin so machine noise hits all three
 alike: the median over --iters samples (after --warmup), each sample --repeat steps run
 back to back between two device syncs, divided by --repeat. On a GPU the default repeat of
@@ -43,8 +47,10 @@ def deepspeed_moe(d: int, d_expert: int, experts: int, k: int, ep: int, cf: floa
     from deepspeed.moe.layer import MoE
 
     expert = nn.Sequential(nn.Linear(d, d_expert, bias=False), nn.GELU(), nn.Linear(d_expert, d, bias=False))
-    layer = MoE(d, expert, num_experts=experts, ep_size=ep, k=k, capacity_factor=cf, eval_capacity_factor=cf,
-                min_capacity=0, use_rts=False, top2_2nd_expert_sampling=False)
+    drop = cf > 0  # cf 0: DeepSpeed's dropless mode (capacity = the largest expert's load)
+    layer = MoE(d, expert, num_experts=experts, ep_size=ep, k=k, capacity_factor=cf if drop else 1.0,
+                eval_capacity_factor=cf if drop else 1.0, min_capacity=0, drop_tokens=drop, use_rts=False,
+                top2_2nd_expert_sampling=False)
     if dist.is_initialized():
         layer.set_deepspeed_parallelism()
     return layer
@@ -102,6 +108,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--repeat", type=int, default=None, help="steps per timed sample (default: 10 on GPU, 1 on CPU)")
     p.add_argument("--backends", default="auto", help="comma-separated moe.grouped_mm values for our layer")
+    p.add_argument("--compile", action="store_true", help="also time ours and dense under torch.compile")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--profile", type=int, default=0, metavar="ITERS",
                    help="after timing, profile ours (each --backends entry, top-2) over ITERS steps")
     a = p.parse_args()
@@ -126,17 +134,27 @@ def main() -> None:
     x = torch.randn(a.tokens, D, device=device, dtype=dtype)
     rows, notes, profiles = [], [], []
     for k in (1, 2):
-        models = {}
-        for backend in a.backends.split(","):
+        def build_ours(backend):
             torch.manual_seed(0)
             cfg = MoEConfig(num_experts=E, top_k=k, d_expert=F, capacity_factor=a.capacity_factor,
                             lb_loss_weight=0.01, z_loss_weight=0.0, grouped_mm=backend)  # fmt: skip
             ours = MoEFFN(D, cfg, "gelu", ep=ExpertParallel(layout))
             ours.reset_parameters(0.02, 0.02)
             ours.shard_experts()
-            models["ours" if backend == "auto" else f"ours-{backend}"] = ours.to(device, dtype)
-        models["deepspeed"] = deepspeed_moe(D, F, E, k, world, a.capacity_factor).to(device, dtype)
-        models["dense"] = FFN(D, k * F, "gelu").to(device, dtype)
+            return ours.to(device, dtype)
+
+        def build_dense():
+            torch.manual_seed(0)
+            return FFN(D, k * F, "gelu").to(device, dtype)
+
+        builders = {"ours" if b == "auto" else f"ours-{b}": lambda b=b: build_ours(b) for b in a.backends.split(",")}
+        builders["deepspeed"] = lambda: deepspeed_moe(D, F, E, k, world, a.capacity_factor).to(device, dtype)
+        builders["dense"] = build_dense
+        models = {name: build() for name, build in builders.items()}
+        if a.compile:  # the warmup iterations compile them
+            for name in [n for n in builders if n != "deepspeed"]:
+                models[name + "+c"] = builders[name]()
+                models[name + "+c"].compile(mode=a.compile_mode)
 
         def step(name, pick=False):
             xi = x.detach().requires_grad_()
@@ -144,7 +162,7 @@ def main() -> None:
             out = models[name](xi.view(1, a.tokens, D) if ours else xi)
             if ours:  # (y, MoEAux)
                 loss = out[0].float().square().mean() + out[1].loss
-                if pick:  # not in the timed steps: it reads a count on the host
+                if pick and not name.endswith("+c"):  # untimed: reads a count on the host
                     picks.add(auto_pick(models[name], out[1], xi))
             elif name == "deepspeed":  # (y, l_aux, expert counts)
                 loss = out[0].float().square().mean() + out[1]
@@ -189,10 +207,10 @@ def main() -> None:
         where = torch.cuda.get_device_name(device) if cuda else "CPU (gloo)"
         print(f"{where}, world {world} (ep={world}), {a.tokens} tokens/rank, d_model {D}, d_expert {F}, {E} experts, "
               f"cf {a.capacity_factor}, {dtype}, median of {a.iters} samples of {repeat} back-to-back step(s)")
-        print(f"{'top-k':<6}{'layer':<11}{'fwd+bwd ms':>11}{'vs ours':>9}{'peak MiB':>10}")
+        print(f"{'top-k':<6}{'layer':<15}{'fwd+bwd ms':>11}{'vs ours':>9}{'peak MiB':>10}")
         for k, n, ms, mib in rows:
             base = next(r[2] for r in rows if r[0] == k and r[1].startswith("ours"))
-            print(f"{k:<6}{n:<11}{ms:>11.2f}{ms / base:>9.2f}{mib:>10.2f}")
+            print(f"{k:<6}{n:<15}{ms:>11.2f}{ms / base:>9.2f}{mib:>10.2f}")
         print("; ".join(notes))
         for text in profiles:
             print(text)

@@ -28,7 +28,7 @@ from moe_dist.models.attention import RotaryQK
 from moe_dist.models.init import normal_
 from moe_dist.moe.aux import MoEAux
 from moe_dist.moe.balance import BalanceBias
-from moe_dist.moe.dispatch import sort_by_expert
+from moe_dist.moe.dispatch import expert_counts, sort_by_expert
 from moe_dist.moe.layer import router_dtype
 from moe_dist.moe.experts import StackedLinear
 from moe_dist.moe.router import RouterLinear, entropy_regularizer, route_topk, router_entropy
@@ -97,7 +97,7 @@ class SwitchHeadAttention(nn.Module):
         ep, G = self.ep, H * E
         probs_sum, terms = None, {}
         # Rows travel with the counts (global batch even if ranks' batches differ; >= 1).
-        local = [torch.bincount(global_RK.reshape(-1), minlength=G), torch.full((), T, device=global_RK.device)]
+        local = [expert_counts(global_RK, G), torch.full((), T, device=global_RK.device)]
         entropy = self.cfg.entropy_loss_weight > 0
         per_sequence = entropy and self.cfg.entropy_scope == "sequence"
         if per_sequence:  # [B, H, E], this rank's sequences; the logged value summed here

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from moe_dist.moe.dispatch import expert_counts
+
 
 class BalanceBias(nn.Module):
     def __init__(self, num_experts: int, rate: float, groups: int = 1):
@@ -38,7 +40,7 @@ class BalanceBias(nn.Module):
         """Count the selections of one training forward; ids are group * E + expert."""
         if self.enabled and self.training:
             flat = self.load.view(-1)
-            flat += torch.bincount(expert_ids.reshape(-1), minlength=flat.numel()).to(flat.dtype)
+            flat += expert_counts(expert_ids, flat.numel()).to(flat.dtype)
 
     @torch.no_grad()
     def update(self, sum_over_ranks=None) -> None:

@@ -17,6 +17,21 @@ from typing import Optional
 import torch
 
 
+def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[num_experts] int64: how many of `ids` (all in [0, num_experts)) name each expert.
+
+    torch.bincount(ids, minlength=E) in eager mode. Its output length is max(ids) + 1 when
+    that exceeds minlength, a shape that depends on the data, so torch.compile breaks the
+    graph there; under compile the same counts come from a scatter-add into [E] zeros,
+    whose shape is static (tests check the two agree)."""
+    flat = ids.reshape(-1)
+    if torch.compiler.is_compiling():
+        return torch.zeros(num_experts, dtype=torch.long, device=ids.device).scatter_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.long)
+        )
+    return torch.bincount(flat, minlength=num_experts)
+
+
 def sort_by_expert(
     expert_P: torch.Tensor, keep_P: Optional[torch.Tensor], num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,4 +44,4 @@ def sort_by_expert(
         kept_P = keep_P.nonzero().squeeze(1)
     expert_kept = expert_P[kept_P]
     order = torch.sort(expert_kept, stable=True).indices
-    return kept_P[order], torch.bincount(expert_kept, minlength=num_experts)
+    return kept_P[order], expert_counts(expert_kept, num_experts)

@@ -19,7 +19,7 @@ from moe_dist.models.ffn import FFN
 from moe_dist.models.init import normal_
 from moe_dist.moe.aux import MoEAux
 from moe_dist.moe.balance import BalanceBias
-from moe_dist.moe.dispatch import sort_by_expert
+from moe_dist.moe.dispatch import expert_counts, sort_by_expert
 from moe_dist.moe.experts import GroupedExperts, autocast_input
 from moe_dist.moe.router import (
     RouterLinear,
@@ -148,7 +148,7 @@ def routing_aux(
     # global batch; clamped to 1 so that a call with no rows gives zero losses, not 0/0.
     local = {
         "rows": torch.full((), T, dtype=torch.long, device=expert_TK.device),
-        "counts": torch.bincount(expert_TK.reshape(-1), minlength=E),
+        "counts": expert_counts(expert_TK, E),
         "dropped": (~keep_TK).sum(),
     }
     slice_cap = slice_cap_loss_weight is not None

@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from moe_dist.moe.dispatch import expert_counts
+
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: Optional[float]) -> Optional[int]:
     """ceil(T * K / E * cf); None when dropless (cf None or 0)."""
@@ -83,7 +85,7 @@ def position_in_expert(expert_TK: torch.Tensor, num_experts: int) -> torch.Tenso
     T, K = expert_TK.shape
     expert_P = expert_TK.t().reshape(-1)  # P = K*T assignments in priority order
     order_P = torch.sort(expert_P, stable=True).indices
-    counts_E = torch.bincount(expert_P, minlength=num_experts)
+    counts_E = expert_counts(expert_P, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     pos_sorted = torch.arange(expert_P.numel(), device=expert_P.device) - starts_E[expert_P[order_P]]
     pos_P = torch.empty_like(pos_sorted)
@@ -103,7 +105,7 @@ def switch_load_balancing_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor) 
     drops, not differentiable), P_i = mean router probability of i. Equals 1 at uniform routing
     for any K, so alpha * this equals alpha there."""
     T, K = expert_TK.shape
-    counts_E = torch.bincount(expert_TK.reshape(-1), minlength=probs_TE.shape[1])
+    counts_E = expert_counts(expert_TK, probs_TE.shape[1])
     return switch_lb_loss_from_sums(probs_TE.sum(0), counts_E, T, K)
 
 

@@ -121,7 +121,10 @@ class SliceMoEFFN(nn.Module):
         timer.lap("route")
         # 1. sort kept (token, slice) assignments by expert  2. scale each slice by its
         # weight  3. expert FFNs  4. scatter-add back into the slice's row, slices in order
-        assignment_N, tokens_per_expert_E = sort_by_expert(expert_PK.reshape(-1), keep_PK.reshape(-1), E)
+        # Nothing dropped (dropless, no slice dropout): no mask, so no host sync.
+        all_kept = aux.capacity is None and slice_drop_PK is None
+        keep_P = None if all_kept else keep_PK.reshape(-1)
+        assignment_N, tokens_per_expert_E = sort_by_expert(expert_PK.reshape(-1), keep_P, E)
         pair_N = torch.div(assignment_N, K, rounding_mode="floor")
         w_N = weight_PK.reshape(-1)[assignment_N]
         # The weight scales the expert INPUT: gather and scale here (the dispatch buffer).

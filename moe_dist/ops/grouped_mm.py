@@ -106,6 +106,8 @@ def _row_widths(x_ND: torch.Tensor, *w_EDF: torch.Tensor) -> list[int]:
 def _torch_ok(x_ND: torch.Tensor, *w_EDF: torch.Tensor) -> bool:
     if _torch_grouped_mm is None or x_ND.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
+    if torch.compiler.is_compiling() and x_ND.dtype != torch.bfloat16:
+        return False  # torch.compile traces _grouped_mm's meta kernel, which takes only bf16
     # torch._grouped_mm needs 16-byte aligned row strides on every operand.
     return all(d * x_ND.element_size() % 16 == 0 for d in _row_widths(x_ND, *w_EDF))
 
@@ -145,7 +147,7 @@ def _resolve(
             dims = "x".join(str(d) for d in _row_widths(x, *ws))
             raise ValueError(
                 f"moe.grouped_mm=torch cannot run dtype {x.dtype} with dims "
-                f"{dims} (needs fp32/bf16/fp16, 16-byte aligned rows)"
+                f"{dims} (needs fp32/bf16/fp16, 16-byte aligned rows; under torch.compile, bf16)"
             )
         return backend
     if backend == "loop":

@@ -28,6 +28,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from moe_dist.moe.dispatch import expert_counts
 from moe_dist.moe.router import capacity_mask as local_capacity_mask
 from moe_dist.parallel.layout import ParallelLayout, expert_placement
 from moe_dist.parallel.phase_timer import NO_TIMER, PhaseTimer
@@ -145,7 +146,7 @@ class ExpertParallel:
         E = num_experts + 1  # the ids, with the extra one (empty without active_TK)
         # Key (k, e) of every assignment in priority order (k-major, then token).
         key_P = (torch.arange(K, device=expert_TK.device).unsqueeze(1) * E + expert_TK.t()).reshape(-1)
-        counts_KE = torch.bincount(key_P, minlength=K * E)
+        counts_KE = expert_counts(key_P, K * E)
         order = torch.sort(key_P, stable=True).indices
         starts = torch.cumsum(counts_KE, 0) - counts_KE
         local_pos = torch.empty_like(key_P)

@@ -251,6 +251,14 @@ class Trainer:
         random.seed(cfg.run.seed)
         np.random.seed(cfg.run.seed)
         self.model = LM(cfg, vocab, self.layout).to(self.device)
+        if cfg.train.compile:
+            # Per block, as torchtitan does: one compiled graph serves every block of the
+            # same structure (MoEUT's repeats included), and in place, so parameter names
+            # and checkpoints are those of the eager model.
+            for block in self.model.blocks:
+                block.compile(backend=cfg.train.compile_backend)
+            self.log(f"train.compile: {len(self.model.blocks)} block(s) compiled with {cfg.train.compile_backend} "
+                     "(compiled on the first step); phase timing off")
         self.backend = build_backend(self.model, cfg, self.layout, self.device, self.ds_config)
         _seed_forward_rng(cfg.run.seed, self.layout.rank)
         if getattr(self.backend, "summary", None):
@@ -306,7 +314,9 @@ class Trainer:
         routed = c.model.ffn != "dense" or c.model.attention == "switchhead"
         if c.logging.moe_stats_every == 0 or not routed:
             return None
-        set_timing(self.model, c.logging.expert_timing)
+        # Under train.compile a lap inside a compiled block would time the tracing, not the
+        # kernels: phase timing stays off (the window's timing rows read zero).
+        set_timing(self.model, c.logging.expert_timing and not c.train.compile)
         sized = dataclasses.replace(c, model=dataclasses.replace(c.model, vocab_size=self.vocab_size))
         # Training FLOPs per token: 2 per MAC forward, twice that backward.
         flops = 6.0 * count_macs(sized).macs_total

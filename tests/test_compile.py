@@ -1,0 +1,142 @@
+"""torch.compile: routed blocks trace without graph breaks where nothing syncs the host
+(dropless, one process, bf16 torch._grouped_mm), give the eager numbers compiled, and
+train.compile trains as eager does. The tests use the aot_eager backend (AOTAutograd
+without inductor's code generation): the same graphs, in seconds."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY
+from moe_dist.config import load_config
+from moe_dist.errors import ConfigError
+from moe_dist.models.transformer import LM
+from moe_dist.moe.dispatch import expert_counts
+from moe_dist.trainer.trainer import Trainer
+
+
+def test_expert_counts_under_compile_equal_bincount():
+    # torch.compile's default mode (train.compile's) breaks the graph at bincount.
+    explained = torch._dynamo.explain(expert_counts)(torch.tensor([3, 0]), 7)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    counted = torch.compile(expert_counts, backend="eager", dynamic=False)
+    ids = torch.tensor([[3, 0], [3, 3], [0, 5]])  # experts 1, 2, 4, 6 get none
+    assert counted(ids, 7).tolist() == [2, 0, 0, 3, 0, 1, 0]
+    ids = torch.randint(0, 11, (300, 2), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(counted(ids, 11), torch.bincount(ids.reshape(-1), minlength=11))
+    assert torch.equal(expert_counts(ids, 11), torch.bincount(ids.reshape(-1), minlength=11))
+
+
+# Dropless, no slice dropout: nothing in these blocks needs a host sync. No random draws
+# either (expert dropout), so compiled and eager see the same numbers.
+DROPLESS = {
+    "tiny_switch": ["moe.capacity_factor=0"],
+    "tiny_sigma_moe": ["moe.expert_dropout=0"],  # its random draws differ compiled
+    "tiny_switchhead": [],
+    "tiny_moeut": [],
+    "tiny_slicemoe": ["moe.slice_dropout=0"],
+}
+
+
+def _block_and_input(config, extra, dtype):
+    cfg = load_config(f"configs/{config}.yaml", ["model.d_model=64", "data.seq_len=16", "model.dropout=0"] + extra)
+    torch.manual_seed(0)
+    model = LM(cfg, 64).to(dtype)
+    block = model.blocks[-1]  # a routed FFN block in every config here
+    x = torch.randn(2, 16, 64, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    return block, x
+
+
+def _run(block, x):
+    xi = x.clone().requires_grad_()
+    y, auxes = block(xi)
+    loss = y.float().square().mean() + sum(a.loss for a in auxes)
+    loss.backward()
+    grads = [p.grad.clone() for p in block.parameters() if p.grad is not None]
+    block.zero_grad(set_to_none=True)
+    counts = [a.tokens_per_expert for a in auxes]
+    return y.detach(), xi.grad, grads, counts, [a.terms for a in auxes]
+
+
+@pytest.mark.parametrize("config", list(DROPLESS))
+def test_dropless_routed_block_compiles_to_one_graph_with_eager_numbers(config):
+    # bf16: the dtype whose torch._grouped_mm torch.compile can trace (its meta kernel).
+    block, x = _block_and_input(config, DROPLESS[config], torch.bfloat16)
+    eager = _run(block, x)
+    # Routing, top-k, the balancing statistics (expert_counts), dispatch and the grouped
+    # matmuls in one graph. explain() reports the breaks of torch.compile's default mode,
+    # train.compile's; fullgraph=True would hide some (it captures data-dependent shapes).
+    explained = torch._dynamo.explain(block)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="aot_eager")
+    got = _run(compiled, x)
+    torch.testing.assert_close(got[0], eager[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], eager[1], rtol=0, atol=0)
+    assert len(got[2]) == len(eager[2]) > 0
+    for g, e in zip(got[2], eager[2]):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    for g, e in zip(got[3], eager[3]):
+        assert torch.equal(g, e)
+    for g, e in zip(got[4], eager[4]):
+        assert g.keys() == e.keys()
+        for key in g:
+            torch.testing.assert_close(g[key], e[key], rtol=0, atol=0)
+
+
+def test_capacity_drops_compile_with_a_break_and_eager_numbers():
+    """A capacity factor sizes the dispatch by the kept count (a host sync): the graph
+    breaks there, and the numbers, drops included, are eager's. fp32 on CPU: the experts
+    run on the loop backend, another break."""
+    block, x = _block_and_input("tiny_switch", [], torch.float32)
+    eager = _run(block, x)
+    explained = torch._dynamo.explain(block)(x)
+    assert explained.graph_break_count > 0
+    reasons = " ".join(str(r.reason) for r in explained.break_reasons)
+    assert "nonzero" in reasons, reasons
+    torch._dynamo.reset()
+    got = _run(torch.compile(block, backend="aot_eager"), x)
+    torch.testing.assert_close(got[0], eager[0], rtol=1e-6, atol=1e-7)
+    for g, e in zip(got[2], eager[2]):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+    assert torch.equal(got[3][0], eager[3][0])
+
+
+def test_train_compile_trains_like_eager_and_keeps_checkpoint_names(tmp_path):
+    losses, keys = {}, {}
+    for mode in ("eager", "compiled"):
+        run = tmp_path / mode
+        args = TINY + [f"run.dir={run}", "train.max_steps=4", "train.eval_every=2", "checkpoint.every=4"]
+        if mode == "compiled":
+            args += ["train.compile=true", "train.compile_backend=aot_eager"]
+        log = []
+        trainer = Trainer(load_config(None, args), log=log.append)
+        # Phase timing (on by default) is off under compile: its laps would time the trace.
+        assert [b.ffn.ep.timing for b in trainer.model.blocks] == [mode == "eager"] * 2
+        trainer.fit()
+        keys[mode] = sorted(trainer.model.state_dict())
+        trainer.close()
+        rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+        losses[mode] = [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows]
+        if mode == "compiled":
+            assert any("train.compile: 2 block(s) compiled with aot_eager" in line for line in log), log
+        assert "dropped_frac" in rows[-2]  # the traffic window (step 4) still counts under compile
+    assert keys["compiled"] == keys["eager"]
+    assert not any("_orig_mod" in k for k in keys["compiled"])
+    assert len(losses["compiled"]) == len(losses["eager"]) == 6
+    for (s1, l1, v1), (s2, l2, v2) in zip(losses["eager"], losses["compiled"]):
+        assert s1 == s2
+        assert (l1 is None) == (l2 is None) and (v1 is None) == (v2 is None)
+        if l1 is not None:
+            assert l2 == pytest.approx(l1, rel=1e-5)
+        if v1 is not None:
+            assert v2 == pytest.approx(v1, rel=1e-5)
+
+
+def test_train_compile_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"train.compile: is a torch-backend option"):
+        load_config(None, TINY + ["train.compile=true", "train.backend=deepspeed"])
+    with pytest.raises(ConfigError, match=r"train.compile_backend: 'inductr' is not a torch.compile backend"):
+        load_config(None, TINY + ["train.compile=true", "train.compile_backend=inductr"])
