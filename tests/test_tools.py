@@ -26,6 +26,22 @@ def test_bench_moe_layer_runs_all_three_layers():
     assert "aten::_grouped_mm" in p.stdout or "aten::mm" in p.stdout
 
 
+def test_bench_moe_layer_dropless_and_compiled():
+    """cf 0: dropless ours, DeepSpeed with drop_tokens=False; --compile adds ours and dense
+    compiled (aot_eager here: the same graphs as inductor, without its code generation)."""
+    cmd = [sys.executable, "tools/bench_moe_layer.py", "--tokens", "128", "--d-model", "32", "--d-expert", "64",
+           "--experts", "4", "--warmup", "1", "--iters", "1", "--capacity-factor", "0", "--compile",
+           "--compile-backend", "aot_eager"]
+    p = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "cf 0.0, torch.float32" in p.stdout
+    rows = [line.split() for line in p.stdout.splitlines() if line[:2] in ("1 ", "2 ")]
+    names = ("ours", "deepspeed", "dense", "ours+c", "dense+c")
+    assert [(r[0], r[1]) for r in rows] == [(k, n) for k in "12" for n in names]
+    assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows)
+
+
 def test_bench_host_overhead_times_both_launch_paths():
     p = subprocess.run([sys.executable, "tools/bench_host_overhead.py", "--rounds", "1", "--calls", "3", "--tokens", "64"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -13,7 +13,7 @@ For top-1 and top-2 at capacity factor 1.25, on the same input, in one process g
             experts of the same shape (no biases), use_rts=False
   dense     a GELU FFN of hidden k x d_expert: the same matmul FLOPs per token
   +c        with --compile: ours (each backend) and dense again, under torch.compile
-            (inductor, nn.Module.compile), as train.compile runs the blocks
+            (nn.Module.compile, --compile-backend inductor), as train.compile runs the blocks
 --capacity-factor 0 is dropless: ours without a capacity, DeepSpeed with drop_tokens=False.
 Each is timed forward+backward, interleaved round-robin so machine noise hits all three
 alike: the median over --iters samples (after --warmup), each sample --repeat steps run
@@ -110,6 +110,7 @@ def main() -> None:
     p.add_argument("--backends", default="auto", help="comma-separated moe.grouped_mm values for our layer")
     p.add_argument("--compile", action="store_true", help="also time ours and dense under torch.compile")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (the smoke test: aot_eager)")
     p.add_argument("--profile", type=int, default=0, metavar="ITERS",
                    help="after timing, profile ours (each --backends entry, top-2) over ITERS steps")
     a = p.parse_args()
@@ -154,7 +155,7 @@ def main() -> None:
         if a.compile:  # the warmup iterations compile them
             for name in [n for n in builders if n != "deepspeed"]:
                 models[name + "+c"] = builders[name]()
-                models[name + "+c"].compile(mode=a.compile_mode)
+                models[name + "+c"].compile(backend=a.compile_backend, mode=a.compile_mode)
 
         def step(name, pick=False):
             xi = x.detach().requires_grad_()

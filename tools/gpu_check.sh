@@ -5,6 +5,7 @@
 #     bash tools/gpu_check.sh kernels    # env report, GPU kernel tests (bf16, inductor): ~7.5 min on an H100
 #     bash tools/gpu_check.sh gemm       # grouped-GEMM bench, every family (apart: both do not fit one call)
 #     bash tools/gpu_check.sh layer      # MoE layer vs DeepSpeed-MoE vs dense, profiled; quickstart on one GPU
+#     bash tools/gpu_check.sh compile    # dropless layer and quickstart, eager against torch.compile
 #     bash tools/gpu_check.sh compare    # tools/compare_models.py --scale gpu (results.md under $OUT)
 #     bash tools/gpu_check.sh suite      # the whole test suite on the GPU machine
 #
@@ -13,7 +14,7 @@
 # device), so the ep=2 NCCL run is not a stage here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: gpu_check.sh kernels|gemm|layer|compare|suite}
+STAGE=${1:?usage: gpu_check.sh kernels|gemm|layer|compile|compare|suite}
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda MOE_DIST_CACHE=/tmp/moe_dist_cache
@@ -75,6 +76,23 @@ layer)
   run train_triton python3 -m moe_dist.train --config configs/quickstart.yaml run.dir=/tmp/gpu_qs_triton \
     train.resume=none moe.grouped_mm=triton
   ;;
+compile)
+  # Dropless at ep=1: our routed layer compiles to one graph (tests/test_compile.py), so
+  # inductor can fuse the routing epilogue, and reduce-overhead can put it in a CUDA graph.
+  # Each run compiles ours and dense for top-1 and top-2 in its warmup. The caps add up to
+  # 560 s, to fit one 10-minute call.
+  run compile_small timeout 140 python3 tools/bench_moe_layer.py --capacity-factor 0 --compile
+  run compile_small_graphs timeout 140 python3 tools/bench_moe_layer.py --capacity-factor 0 --compile \
+    --compile-mode reduce-overhead
+  run compile_large timeout 140 python3 tools/bench_moe_layer.py --capacity-factor 0 --compile \
+    --tokens 16384 --d-model 1024 --d-expert 2048 --experts 8
+  # The quickstart, dropless, 100 steps: tokens/s eager, then with every block compiled.
+  for c in false true; do
+    run "train_compile_$c" timeout 70 python3 -m moe_dist.train --config configs/quickstart.yaml \
+      run.dir=/tmp/gpu_compile_$c train.resume=none moe.capacity_factor=0 train.max_steps=100 \
+      checkpoint.every=0 train.compile=$c
+  done
+  ;;
 compare)
   run compare timeout 560 python3 tools/compare_models.py --scale gpu --work-dir /tmp/compare_gpu \
     --out "$OUT/results.md"
@@ -83,7 +101,7 @@ suite)
   run suite timeout 560 python3 -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests
   ;;
 *)
-  echo "unknown stage $STAGE (kernels|gemm|layer|compare|suite)" >&2; exit 2 ;;
+  echo "unknown stage $STAGE (kernels|gemm|layer|compile|compare|suite)" >&2; exit 2 ;;
 esac
 echo "---- summary ($STAGE)"
 cat "$OUT/summary.txt"
