@@ -84,7 +84,7 @@ def routing(T: int, K: int, E: int, heads: int, device) -> tuple[torch.Tensor, t
 def bench_gemm(ops, x_ND, w_GIO, counts_G, rep_ms: int) -> dict:
     """Forward and backward of one grouped GEMM for every method: {method: (fwd, bwd)}, each
     (median ms, host us) from bench()."""
-    N, Din, Dout = x_ND.shape[0], w_GIO.shape[1], w_GIO.shape[2]
+    N, Dout = x_ND.shape[0], w_GIO.shape[2]
     dy = torch.randn(N, Dout, device=x_ND.device, dtype=x_ND.dtype)
     x = x_ND.detach().requires_grad_()
     w = w_GIO.detach().requires_grad_()

@@ -67,7 +67,7 @@ def report(run_dir: str, out: str, top: int) -> list[str]:
         a2a = sum(buckets(ea.Histograms(t)[-1]) for t in a2a_tags)
         n = int(round(len(a2a) ** 0.5))
         a2a = a2a.reshape(n, n)
-        lines.append(f"all-to-all bytes per step, all layers, last window (row = sender, column = receiver):")
+        lines.append("all-to-all bytes per step, all layers, last window (row = sender, column = receiver):")
         for r in range(n):
             lines.append(f"  rank {r:<3}" + " ".join(f"{int(v):>12d}" for v in a2a[r]))
     elif not any(t.endswith("a2a_bytes_per_step") for t in scalar_tags):

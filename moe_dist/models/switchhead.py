@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from moe_dist.config import AttentionConfig
 from moe_dist.models.attention import RotaryQK
 from moe_dist.models.init import normal_
-from moe_dist.moe.aux import MoEAux
+from moe_dist.moe.aux import MoEAux, entropy_fields, sequence_probs
 from moe_dist.moe.balance import BalanceBias
 from moe_dist.moe.dispatch import expert_counts, sort_by_expert
 from moe_dist.moe.layer import router_dtype
 from moe_dist.moe.experts import StackedLinear
-from moe_dist.moe.router import RouterLinear, entropy_regularizer, route_topk, router_entropy
+from moe_dist.moe.router import RouterLinear, route_topk, router_entropy
 from moe_dist.parallel.expert_parallel import ExpertParallel
 
 
@@ -100,22 +100,19 @@ class SwitchHeadAttention(nn.Module):
         local = [expert_counts(global_RK, G), torch.full((), T, device=global_RK.device)]
         entropy = self.cfg.entropy_loss_weight > 0
         per_sequence = entropy and self.cfg.entropy_scope == "sequence"
+        probs_seq = None
         if per_sequence:  # [B, H, E], this rank's sequences; the logged value summed here
-            probs_seq = probs_RE.view(-1, seq_len, H, E).sum(1)
-            local.append(entropy_regularizer(probs_seq.detach(), seq_len))
+            probs_seq, logged = sequence_probs(probs_RE.view(T, H, E), seq_len)
+            local.append(logged)
         elif entropy:
             # [H, E]: the entropy regulariser balances each head's experts, global batch.
             local.append(probs_RE.view(T, H, E).sum(0))
         total = ep.sum_stats_many(local)  # one all-reduce for all
         rows = total[1].clamp_min(1)
         num_rows, num_sequences = rows, None
-        if per_sequence:
-            # The mean over sequences and heads, as the MoEUT reference code takes it.
-            probs_sum, num_rows, num_sequences = probs_seq, seq_len, rows / seq_len * H
-            terms["entropy_reg"] = total[2] / num_sequences
-        elif entropy:
-            probs_sum = total[2].float()
-            terms["entropy_reg"] = entropy_regularizer(probs_sum, rows).detach()
+        if entropy:  # per sequence: the mean over sequences and heads, as the MoEUT code takes it
+            probs_sum, num_rows, num_sequences, term = entropy_fields(probs_seq, total[2], rows, seq_len, heads=H)
+            terms["entropy_reg"] = term.detach()
         aux = MoEAux(
             name=name,
             group_key=id(self),

@@ -77,6 +77,28 @@ class MoEAux:
         return f"L{self.layer:02d}_{self.name}"
 
 
+def sequence_probs(probs_RE: torch.Tensor, rows_per_seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """entropy_scope=sequence, this rank's part: the softmax summed per sequence, [B, (H,) E]
+    from rows [T, (H,) E] (T = B * rows_per_seq), and the sum over sequences (and heads) of
+    p log p, detached: the per-call value to log, which the caller sums over ranks."""
+    probs_seq = probs_RE.unflatten(0, (-1, rows_per_seq)).sum(1)
+    return probs_seq, entropy_regularizer(probs_seq.detach(), rows_per_seq)
+
+
+def entropy_fields(
+    probs_seq: Optional[torch.Tensor], summed: torch.Tensor, rows: torch.Tensor, rows_per_seq: int, heads: int = 1
+) -> tuple[torch.Tensor, Any, Any, torch.Tensor]:
+    """(probs_sum, num_rows, num_sequences, entropy_reg term) for a routed call's MoEAux, after
+    its all-reduce. Sequence scope (probs_seq given): summed is sequence_probs's logged value
+    summed over ranks, averaged over the global batch's sequences x heads (rows: the global
+    row count). Batch scope: summed is the softmax summed over the global batch."""
+    if probs_seq is not None:
+        num_sequences = rows / rows_per_seq * heads
+        return probs_seq, rows_per_seq, num_sequences, summed / num_sequences
+    probs_sum = summed.float()
+    return probs_sum, rows, None, entropy_regularizer(probs_sum, rows)
+
+
 def total_aux_loss(auxes: list[MoEAux]) -> torch.Tensor:
     """Sum of per-call losses plus, per router group, weight * sum_e p_e log p_e of the mean
     softmax pooled over every call of that router (all repeats of a MoEUT group): one p over

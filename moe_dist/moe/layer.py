@@ -17,14 +17,13 @@ import torch.nn as nn
 from moe_dist.config import MoEConfig
 from moe_dist.models.ffn import FFN
 from moe_dist.models.init import normal_
-from moe_dist.moe.aux import MoEAux
+from moe_dist.moe.aux import MoEAux, entropy_fields, sequence_probs
 from moe_dist.moe.balance import BalanceBias
 from moe_dist.moe.dispatch import expert_counts, sort_by_expert
 from moe_dist.moe.experts import GroupedExperts, autocast_input
 from moe_dist.moe.router import (
     RouterLinear,
     cv_squared,
-    entropy_regularizer,
     expert_capacity,
     route_topk,
     router_entropy,
@@ -154,9 +153,9 @@ def routing_aux(
     slice_cap = slice_cap_loss_weight is not None
     if cfg.lb_loss_weight > 0 or (entropy and not per_sequence) or slice_cap:
         local["probs"] = probs_TE.sum(0)
+    probs_seq = None
     if per_sequence:  # this rank's sequences; only the logged per-call value is summed here
-        probs_seq = probs_TE.view(-1, rows_per_seq, E).sum(1)
-        local["entropy_seq"] = entropy_regularizer(probs_seq.detach(), rows_per_seq)
+        probs_seq, local["entropy"] = sequence_probs(probs_TE, rows_per_seq)
     if cfg.z_loss_weight > 0:
         local["z"] = torch.logsumexp(logits_TE, dim=-1).square().sum()
     total = dict(zip(local, ep.sum_stats_many(list(local.values()))))
@@ -174,13 +173,10 @@ def routing_aux(
         cv2 = cv_squared(straight_through_load(counts_E, total["probs"], K))
         loss = loss + slice_cap_loss_weight * cv2
     probs_sum, num_rows, num_sequences = None, rows, None
-    if per_sequence:
-        probs_sum, num_rows = probs_seq, rows_per_seq  # router dtype: summed over ranks below
-        num_sequences = rows / rows_per_seq
-        terms["entropy_reg"] = total["entropy_seq"] / num_sequences
-    elif entropy:
-        probs_sum = total["probs"].float()
-        terms["entropy_reg"] = entropy_regularizer(probs_sum, rows)
+    if entropy:
+        probs_sum, num_rows, num_sequences, terms["entropy_reg"] = entropy_fields(
+            probs_seq, total["entropy" if per_sequence else "probs"], rows, rows_per_seq
+        )
     if slice_cap:
         terms["slice_cv2"] = cv2
     return MoEAux(

@@ -17,7 +17,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
 import torch.distributed as dist
 
 from moe_dist.config import ParallelConfig

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 import moe_dist
 from moe_dist.config import Config, dump_config
 from moe_dist.data.cache import ensure_prepared
-from moe_dist.data.loader import build_loader, data_tokenizer, shard_hash_errors, val_windows
+from moe_dist.data.loader import build_loader, shard_hash_errors, val_windows
 from moe_dist.data.prepare import MANIFEST
 from moe_dist.errors import CheckpointError, ConfigError, DataError, LaunchError, MoeDistError
 from moe_dist.files import sha256_file
