@@ -7,6 +7,9 @@ import json
 
 import pytest
 import torch
+import torch._dynamo
+
+from moe_dist.models.transformer import lm_loss
 
 from conftest import TINY
 from moe_dist.config import load_config
@@ -14,6 +17,15 @@ from moe_dist.errors import ConfigError
 from moe_dist.models.transformer import LM
 from moe_dist.moe.dispatch import expert_counts
 from moe_dist.trainer.trainer import Trainer
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test starts and ends with an empty compile cache: no test's graphs count toward
+    another's recompile limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 def test_expert_counts_under_compile_equal_bincount():
@@ -104,7 +116,50 @@ def test_capacity_drops_compile_with_a_break_and_eager_numbers():
     assert torch.equal(got[3][0], eager[3][0])
 
 
-def test_train_compile_trains_like_eager_and_keeps_checkpoint_names(tmp_path):
+@pytest.mark.parametrize("config", ["tiny_switch", "tiny_switchhead", "tiny_moeut", "tiny_slicemoe"])
+@torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+def test_blocks_of_one_structure_share_their_compiled_graphs(config):
+    """Ten routed blocks compile like one: nothing in a block guards on the module's
+    identity (an id(self) in the layer did, and past dynamo's limit of 8 graphs per code
+    object the other blocks ran uncompiled, with only a warning)."""
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def steps(dtype, extra):
+        # d_model 64: SliceMoE's slices of 8 bf16 values are 16-byte rows, as _grouped_mm needs.
+        cfg = load_config(f"configs/{config}.yaml", ["model.d_model=64", "data.seq_len=8", "model.n_layers=10",
+                                                     "moe.every=1", "model.dropout=0"] + extra)
+        torch.manual_seed(0)
+        lm = LM(cfg, 32).to(dtype)
+        for block in lm.blocks:
+            block.compile(backend=counting)
+        for _ in range(3):
+            idx = torch.randint(0, 32, (2, 8))
+            out = lm(idx)
+            (lm_loss(out.logits, idx) + out.aux_loss).backward()
+        lm.eval()
+        with torch.no_grad():
+            lm(idx)
+        return lm
+
+    # Dropless bf16 (the CUDA path): one graph for training, one for evaluation.
+    lm = steps(torch.bfloat16, ["moe.capacity_factor=0", "moe.slice_dropout=0", "moe.expert_dropout=0"])
+    assert len(graphs) == 2
+    assert all(b._compiled_call_impl is not None for b in lm.blocks)
+    # The configs as they are, fp32 on CPU: graph breaks (drops, the loop backend, which runs
+    # uncompiled) and one recompile per piece when the kept count changes, never the limit.
+    torch._dynamo.reset()
+    graphs.clear()
+    steps(torch.float32, [])
+    assert 0 < len(graphs) < 40
+
+
+def test_train_compile_trains_like_eager_and_resumes_either_way(tmp_path):
+    from torch._dynamo.utils import counters
+
     losses, keys = {}, {}
     for mode in ("eager", "compiled"):
         run = tmp_path / mode
@@ -115,7 +170,10 @@ def test_train_compile_trains_like_eager_and_keeps_checkpoint_names(tmp_path):
         trainer = Trainer(load_config(None, args), log=log.append)
         # Phase timing (on by default) is off under compile: its laps would time the trace.
         assert [b.ffn.ep.timing for b in trainer.model.blocks] == [mode == "eager"] * 2
+        counters.clear()
         trainer.fit()
+        # The blocks really ran compiled: dynamo captured graphs (none in eager).
+        assert (counters["stats"]["unique_graphs"] > 0) == (mode == "compiled")
         keys[mode] = sorted(trainer.model.state_dict())
         trainer.close()
         rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
@@ -133,6 +191,17 @@ def test_train_compile_trains_like_eager_and_keeps_checkpoint_names(tmp_path):
             assert l2 == pytest.approx(l1, rel=1e-5)
         if v1 is not None:
             assert v2 == pytest.approx(v1, rel=1e-5)
+    # A compiled run's checkpoint resumes eagerly, and the other way round.
+    for saved, resume_compiled in (("compiled", False), ("eager", True)):
+        args = TINY + [f"run.dir={tmp_path / saved}", "train.max_steps=5", "train.eval_every=0",
+                       "checkpoint.every=0", "train.resume=auto", f"train.compile={str(resume_compiled).lower()}",
+                       "train.compile_backend=aot_eager"]
+        trainer = Trainer(load_config(None, args), log=lambda *_: None)
+        assert trainer.step == 4
+        trainer.fit()
+        trainer.close()
+        rows = [json.loads(line) for line in open(tmp_path / saved / "metrics.jsonl")]
+        assert [r["step"] for r in rows if "loss" in r][-1] == 5
 
 
 def test_train_compile_config_errors_name_the_key():

@@ -81,14 +81,15 @@ compile)
   # inductor can fuse the routing epilogue, and reduce-overhead can put it in a CUDA graph.
   # Each run compiles ours and dense for top-1 and top-2 in its warmup. The caps add up to
   # 560 s, to fit one 10-minute call.
-  run compile_small timeout 140 python3 tools/bench_moe_layer.py --capacity-factor 0 --compile
-  run compile_small_graphs timeout 140 python3 tools/bench_moe_layer.py --capacity-factor 0 --compile \
+  run compile_small timeout 110 python3 tools/bench_moe_layer.py --capacity-factor 0 --compile
+  run compile_small_graphs timeout 110 python3 tools/bench_moe_layer.py --capacity-factor 0 --compile \
     --compile-mode reduce-overhead
-  run compile_large timeout 140 python3 tools/bench_moe_layer.py --capacity-factor 0 --compile \
+  run compile_large timeout 150 python3 tools/bench_moe_layer.py --capacity-factor 0 --compile \
     --tokens 16384 --d-model 1024 --d-expert 2048 --experts 8
-  # The quickstart, dropless, 100 steps: tokens/s eager, then with every block compiled.
+  # The quickstart, dropless, 100 steps: tokens/s eager, then with every block compiled
+  # (its 4 blocks share one training graph and one evaluation graph).
   for c in false true; do
-    run "train_compile_$c" timeout 70 python3 -m moe_dist.train --config configs/quickstart.yaml \
+    run "train_compile_$c" timeout 95 python3 -m moe_dist.train --config configs/quickstart.yaml \
       run.dir=/tmp/gpu_compile_$c train.resume=none moe.capacity_factor=0 train.max_steps=100 \
       checkpoint.every=0 train.compile=$c
   done

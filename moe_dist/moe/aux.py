@@ -19,8 +19,13 @@ from moe_dist.moe.router import entropy_regularizer
 class MoEAux:
     name: str
     """What routed: 'ffn', 'attn_src', 'attn_dst'."""
-    group_key: int
-    """Identity of the router module: repeats of a shared layer have the same key."""
+    group_key: Optional[int]
+    """Which router: calls with the same key (and name) pool their entropy regulariser. The
+    model sets it to the index of the block module that routed, so MoEUT's repeats of a
+    shared block share it; None pools the call alone. Set outside the layers on purpose:
+    an id(module) taken inside a block compiled by train.compile makes dynamo guard on the
+    module's identity, so every block compiles its own graph and, past dynamo's recompile
+    limit (8), the rest run uncompiled."""
     loss: torch.Tensor
     """Weighted per-call auxiliary losses (Switch LB, z-loss, slice capacity), float32 scalar."""
     tokens_per_expert: torch.Tensor
@@ -112,7 +117,8 @@ def total_aux_loss(auxes: list[MoEAux]) -> torch.Tensor:
     for a in auxes:
         total = total + a.loss
         if a.entropy_weight > 0 and a.probs_sum is not None:
-            pooled.setdefault((a.group_key, a.name), []).append(a)
+            key = id(a) if a.group_key is None else a.group_key
+            pooled.setdefault((key, a.name), []).append(a)
     per_sequence: list[tuple[MoEAux, torch.Tensor]] = []
     for group in pooled.values():
         probs_sum = torch.stack([a.probs_sum for a in group]).sum(0)

@@ -78,7 +78,7 @@ class MoEFFN(nn.Module):
             expert_TK, weight_TK, probs_TE = route_topk(logits_TE, K, self.score, bias, exclude)
             cf = cfg.capacity_factor_for(self.training)
             keep_TK = self.ep.capacity_mask(expert_TK, E, cf)
-            aux = routing_aux(self.ep, "ffn", id(self), logits_TE, probs_TE, expert_TK, keep_TK, cfg, cf,
+            aux = routing_aux(self.ep, "ffn", logits_TE, probs_TE, expert_TK, keep_TK, cfg, cf,
                               rows_per_seq=seq_len or max(x_TD.shape[0], 1))
         aux.balance_bias = self.balance.live_bias
         self.balance.observe(expert_TK)
@@ -122,7 +122,6 @@ def global_capacity(ep: ExpertParallel, T: int, K: int, E: int, capacity_factor)
 def routing_aux(
     ep: ExpertParallel,
     name: str,
-    key: int,
     logits_TE: torch.Tensor,
     probs_TE: torch.Tensor,
     expert_TK: torch.Tensor,
@@ -181,7 +180,7 @@ def routing_aux(
         terms["slice_cv2"] = cv2
     return MoEAux(
         name=name,
-        group_key=key,
+        group_key=None,  # set by the model (moe/aux.py)
         loss=loss.float(),
         tokens_per_expert=counts_E.detach(),
         dropped=total["dropped"].detach(),

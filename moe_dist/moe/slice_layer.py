@@ -112,7 +112,7 @@ class SliceMoEFFN(nn.Module):
             keep_PK = self.ep.capacity_mask(expert_PK, E, cf, active_PK)
             # Drops counted are capacity drops only: the dropout ones are `skipped`.
             capacity_keep_PK = keep_PK if slice_drop_PK is None else keep_PK | slice_drop_PK
-            aux = routing_aux(self.ep, "ffn", id(self), logits_PE, probs_PE, expert_PK, capacity_keep_PK, cfg, cf,
+            aux = routing_aux(self.ep, "ffn", logits_PE, probs_PE, expert_PK, capacity_keep_PK, cfg, cf,
                               cfg.slice_cap_loss_weight, rows_per_seq=S * self.num_slices)
             if slice_drop_PK is not None:
                 aux.skipped = slice_drop_PK.sum()  # counted, never silent

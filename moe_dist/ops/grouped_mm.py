@@ -44,7 +44,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from moe_dist.ops.activations import activation
-from moe_dist.ops.loop import LoopGroupedMM, loop_expert_mlp
+from moe_dist.ops.loop import loop_expert_mlp, loop_grouped_mm
 
 _torch_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -397,7 +397,7 @@ def grouped_mm(
         w_EDF = w_EDF.to(x_ND.dtype)
     backend = _resolve(backend, x_ND, w_EDF)
     if backend == "loop":
-        return LoopGroupedMM.apply(x_ND, w_EDF, tokens_per_expert_E)
+        return loop_grouped_mm(x_ND, w_EDF, tokens_per_expert_E)
     if backend == "triton":
         return _sgmm(x_ND, w_EDF, tokens_per_expert_E, None, 0, 0, None, None, "none", backend)
     offs_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)

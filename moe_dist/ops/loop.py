@@ -1,7 +1,7 @@
 """The `loop` backend: one matmul per expert, with hand-written backwards (CPU's fast path).
 
-    y_NF = LoopGroupedMM.apply(x_ND, w_EDF, tokens_per_expert_E)
-    y    = LoopExpertMLP.apply(x, w_in_EDH, w_out_EFD, tokens_per_expert_E, src_N, dst_N, n_out, scale_N, act)
+    y_NF = loop_grouped_mm(x_ND, w_EDF, tokens_per_expert_E)
+    y    = loop_expert_mlp(x, w_in_EDH, w_out_EFD, tokens_per_expert_E, src_N, dst_N, n_out, scale_N, act)
 
 Legend: N routed rows sorted by expert, D input dim, F expert hidden dim, H = F * hidden
 multiplier, O output dim, E experts. grouped_mm.grouped_mm_reference is the readable
@@ -140,6 +140,15 @@ class LoopExpertMLP(torch.autograd.Function):
         return dx, dw_in, dw_out, None, None, None, None, dscale, None
 
 
+# The entry points run eagerly under torch.compile: the loop reads the counts on the host, so
+# dynamo would break the graph inside anyway, and tracing in would specialise one resume
+# frame, shared by every projection's shapes, until its recompile limit.
+@torch.compiler.disable
+def loop_grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    return LoopGroupedMM.apply(x_ND, w_EDF, tokens_per_expert_E)
+
+
+@torch.compiler.disable
 def loop_expert_mlp(
     x: torch.Tensor, w_in_EDH: torch.Tensor, w_out_EFO: torch.Tensor, tokens_per_expert_E: torch.Tensor,
     src_N: Optional[torch.Tensor] = None, dst_N: Optional[torch.Tensor] = None, n_out: int = 0,
