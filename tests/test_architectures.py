@@ -93,6 +93,8 @@ def test_entropy_regulariser_hand_computed_and_pooled_over_repeats():
     torch.testing.assert_close(total_aux_loss(auxes), torch.tensor(-0.1 * math.log(2)))
     auxes[1].group_key = 8  # two different routers: each pooled alone
     torch.testing.assert_close(total_aux_loss(auxes), torch.tensor(0.0))
+    auxes[0].group_key = auxes[1].group_key = None  # a layer called outside a model: alone
+    torch.testing.assert_close(total_aux_loss(auxes), torch.tensor(0.0))
     # entropy_scope=sequence: two sequences, each all-in on its own expert. One batch-level
     # p calls this balanced (-log 2); per sequence each p is collapsed (0).
     seq = MoEAux("ffn", 7, zero, torch.zeros(E), zero, 1, torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0]]), 3, 0.1,

@@ -1,22 +1,37 @@
 """torch.compile: routed blocks trace without graph breaks where nothing syncs the host
-(dropless, one process, bf16 torch._grouped_mm), give the eager numbers compiled, and
-train.compile trains as eager does. The tests use the aot_eager backend (AOTAutograd
-without inductor's code generation): the same graphs, in seconds."""
+(dropless, one process, bf16 torch._grouped_mm), give the eager numbers compiled, share one
+graph per block structure, and train.compile trains as eager does. The tests compile with
+the aot_eager backend (AOTAutograd without inductor's code generation: the same graphs, in
+seconds) or a backend that counts the graphs."""
 
 import json
 
 import pytest
 import torch
-import torch._dynamo
-
-from moe_dist.models.transformer import lm_loss
 
 from conftest import TINY
 from moe_dist.config import load_config
 from moe_dist.errors import ConfigError
-from moe_dist.models.transformer import LM
+from moe_dist.models.transformer import LM, lm_loss
 from moe_dist.moe.dispatch import expert_counts
-from moe_dist.trainer.trainer import Trainer
+
+# No torch._dynamo or trainer import at module level: both load triton compiled, and at
+# collection, before tests/test_kernels.py sets TRITON_INTERPRET, that would send all of its
+# interpreter tests to their fresh-process fallback. torch._dynamo loads on first use.
+
+
+def test_importing_moe_dist_loads_neither_dynamo_nor_triton():
+    """torch._dynamo (and with it triton) costs 1.6 s of every process's start, and once
+    triton is loaded compiled, tests/test_kernels.py can no longer interpret its kernels in
+    this process. Only compiling (train.compile) or the Triton backend may load them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, moe_dist.train, moe_dist.trainer.trainer, moe_dist.models.transformer, "
+            "moe_dist.ops.grouped_mm; print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.fixture(autouse=True)
@@ -117,7 +132,6 @@ def test_capacity_drops_compile_with_a_break_and_eager_numbers():
 
 
 @pytest.mark.parametrize("config", ["tiny_switch", "tiny_switchhead", "tiny_moeut", "tiny_slicemoe"])
-@torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
 def test_blocks_of_one_structure_share_their_compiled_graphs(config):
     """Ten routed blocks compile like one: nothing in a block guards on the module's
     identity (an id(self) in the layer did, and past dynamo's limit of 8 graphs per code
@@ -145,20 +159,23 @@ def test_blocks_of_one_structure_share_their_compiled_graphs(config):
             lm(idx)
         return lm
 
-    # Dropless bf16 (the CUDA path): one graph for training, one for evaluation.
-    lm = steps(torch.bfloat16, ["moe.capacity_factor=0", "moe.slice_dropout=0", "moe.expert_dropout=0"])
-    assert len(graphs) == 2
-    assert all(b._compiled_call_impl is not None for b in lm.blocks)
-    # The configs as they are, fp32 on CPU: graph breaks (drops, the loop backend, which runs
-    # uncompiled) and one recompile per piece when the kept count changes, never the limit.
-    torch._dynamo.reset()
-    graphs.clear()
-    steps(torch.float32, [])
-    assert 0 < len(graphs) < 40
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        # Dropless bf16 (the CUDA path): one graph for training, one for evaluation.
+        steps(torch.bfloat16, ["moe.capacity_factor=0", "moe.slice_dropout=0", "moe.expert_dropout=0"])
+        assert len(graphs) == 2
+        # The configs as they are, fp32 on CPU: graph breaks (drops, the loop backend, which
+        # runs uncompiled) and one recompile per piece when the kept count changes, never
+        # the limit.
+        torch._dynamo.reset()
+        graphs.clear()
+        steps(torch.float32, [])
+        assert 0 < len(graphs) < 40
 
 
 def test_train_compile_trains_like_eager_and_resumes_either_way(tmp_path):
     from torch._dynamo.utils import counters
+
+    from moe_dist.trainer.trainer import Trainer
 
     losses, keys = {}, {}
     for mode in ("eager", "compiled"):
@@ -192,6 +209,7 @@ def test_train_compile_trains_like_eager_and_resumes_either_way(tmp_path):
         if v1 is not None:
             assert v2 == pytest.approx(v1, rel=1e-5)
     # A compiled run's checkpoint resumes eagerly, and the other way round.
+    resumed = []
     for saved, resume_compiled in (("compiled", False), ("eager", True)):
         args = TINY + [f"run.dir={tmp_path / saved}", "train.max_steps=5", "train.eval_every=0",
                        "checkpoint.every=0", "train.resume=auto", f"train.compile={str(resume_compiled).lower()}",
@@ -202,6 +220,8 @@ def test_train_compile_trains_like_eager_and_resumes_either_way(tmp_path):
         trainer.close()
         rows = [json.loads(line) for line in open(tmp_path / saved / "metrics.jsonl")]
         assert [r["step"] for r in rows if "loss" in r][-1] == 5
+        resumed.append(rows[-1]["loss"])
+    assert resumed[0] == pytest.approx(resumed[1], rel=1e-5)
 
 
 def test_train_compile_config_errors_name_the_key():

@@ -1,8 +1,9 @@
 """What every routed layer returns beside its output: losses and routing statistics.
 
 Layers return these from forward (no global side channel). The model collects them in
-depth order, one per routed call; MoEUT's shared layers return one per repeat, all with the
-same `group_key`, and `total_aux_loss` pools the entropy regulariser over each group.
+depth order, one per routed call, and keys each by the block module that routed
+(`group_key`): MoEUT's shared blocks return one per repeat, all with the same key, and
+`total_aux_loss` pools the entropy regulariser over each group.
 """
 
 from __future__ import annotations
