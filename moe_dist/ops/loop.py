@@ -140,26 +140,19 @@ class LoopExpertMLP(torch.autograd.Function):
         return dx, dw_in, dw_out, None, None, None, None, dscale, None
 
 
-# Under torch.compile the entry points run uncompiled: the loop reads the counts on the host,
-# so dynamo would break the graph inside anyway, and tracing in would specialise one resume
-# frame, shared by every projection's shapes, until its recompile limit. Not a
-# @torch.compiler.disable decorator: that imports torch._dynamo (and triton) with this
-# module, 1.6 s of every process's start; under compile, dynamo is loaded already.
-def _uncompiled(apply):
-    def call(*args):
-        if torch.compiler.is_compiling():
-            return torch.compiler.disable(apply)(*args)
-        return apply(*args)
-
-    return call
-
-
-_loop_grouped_mm = _uncompiled(LoopGroupedMM.apply)
-_loop_expert_mlp = _uncompiled(LoopExpertMLP.apply)
+def _run(apply, *args):
+    """apply(*args); under torch.compile, uncompiled. The loop reads the counts on the host,
+    so dynamo would break the graph inside anyway, and tracing in would specialise one resume
+    frame, shared by every projection's shapes, until its recompile limit. Not a
+    @torch.compiler.disable decorator: that imports torch._dynamo (and triton) with this
+    module, 1.6 s of every process's start; under compile, dynamo is loaded already."""
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(apply)(*args)
+    return apply(*args)
 
 
 def loop_grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-    return _loop_grouped_mm(x_ND, w_EDF, tokens_per_expert_E)
+    return _run(LoopGroupedMM.apply, x_ND, w_EDF, tokens_per_expert_E)
 
 
 def loop_expert_mlp(
@@ -167,4 +160,4 @@ def loop_expert_mlp(
     src_N: Optional[torch.Tensor] = None, dst_N: Optional[torch.Tensor] = None, n_out: int = 0,
     scale_N: Optional[torch.Tensor] = None, act: str = "none",
 ) -> torch.Tensor:  # fmt: skip
-    return _loop_expert_mlp(x, w_in_EDH, w_out_EFO, tokens_per_expert_E, src_N, dst_N, n_out, scale_N, act)
+    return _run(LoopExpertMLP.apply, x, w_in_EDH, w_out_EFO, tokens_per_expert_E, src_N, dst_N, n_out, scale_N, act)
