@@ -113,22 +113,43 @@ def test_dropless_routed_block_compiles_to_one_graph_with_eager_numbers(config):
             torch.testing.assert_close(g[key], e[key], rtol=0, atol=0)
 
 
-def test_capacity_drops_compile_with_a_break_and_eager_numbers():
-    """A capacity factor sizes the dispatch by the kept count (a host sync): the graph
-    breaks there, and the numbers, drops included, are eager's. fp32 on CPU: the experts
-    run on the loop backend, another break."""
-    block, x = _block_and_input("tiny_switch", [], torch.float32)
-    eager = _run(block, x)
+# Half the assignments over capacity; SliceMoE's experts have biases, so its dropped rows
+# must be zeroed after the experts, not only weighted by 0.
+CAPACITY = {
+    "tiny_switch": ["moe.capacity_factor=0.5"],
+    "tiny_slicemoe": ["moe.capacity_factor=0.5", "moe.slice_dropout=0"],
+}
+
+
+@pytest.mark.parametrize("config", list(CAPACITY))
+def test_capacity_drops_compile_to_one_graph_with_eager_numbers(config):
+    """Eager leaves dropped assignments out, sizing the dispatch by the kept count (nonzero,
+    a host sync, a graph break). Compiled at ep=1 the layer computes them with their
+    outputs zeroed (moe/dispatch.py): one graph, and eager's outputs, gradients, drop
+    count and kept-per-expert counts."""
+    block, x = _block_and_input(config, CAPACITY[config], torch.bfloat16)
+
+    def run(b):
+        xi = x.clone().requires_grad_()
+        y, auxes = b(xi)
+        (y.float().square().mean() + sum(a.loss for a in auxes)).backward()
+        grads = [p.grad.clone() for p in block.parameters() if p.grad is not None]
+        block.zero_grad(set_to_none=True)
+        return y.detach(), xi.grad, grads, [(a.dropped.item(), a.kept_per_expert.tolist(), a.assignments) for a in auxes]
+
+    eager = run(block)
+    ((dropped, kept, assignments),) = eager[3]
+    assert dropped > 0 and sum(kept) + dropped == assignments
     explained = torch._dynamo.explain(block)(x)
-    assert explained.graph_break_count > 0
-    reasons = " ".join(str(r.reason) for r in explained.break_reasons)
-    assert "nonzero" in reasons, reasons
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     torch._dynamo.reset()
-    got = _run(torch.compile(block, backend="aot_eager"), x)
-    torch.testing.assert_close(got[0], eager[0], rtol=1e-6, atol=1e-7)
+    got = run(torch.compile(block, backend="aot_eager"))
+    assert got[3] == eager[3]
+    torch.testing.assert_close(got[0], eager[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], eager[1], rtol=0, atol=0)
+    assert len(got[2]) == len(eager[2]) > 0
     for g, e in zip(got[2], eager[2]):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
-    assert torch.equal(got[3][0], eager[3][0])
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
 # MoEUT: SwitchHead attention and a sigma-MoE FFN, in 2 shared blocks; SliceMoE: the loop
@@ -165,9 +186,8 @@ def test_blocks_of_one_structure_share_their_compiled_graphs(config):
         # Dropless bf16 (the CUDA path): one graph for training, one for evaluation.
         steps(torch.bfloat16, ["moe.capacity_factor=0", "moe.slice_dropout=0", "moe.expert_dropout=0"])
         assert len(graphs) == 2
-        # The configs as they are, fp32 on CPU: graph breaks (drops, the loop backend, which
-        # runs uncompiled) and one recompile per piece when the kept count changes, never
-        # the limit.
+        # The configs as they are, fp32 on CPU: graph breaks (the loop backend runs
+        # uncompiled, and syncs) and recompiles when its counts change, never the limit.
         torch._dynamo.reset()
         graphs.clear()
         steps(torch.float32, [])

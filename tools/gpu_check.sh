@@ -5,7 +5,7 @@
 #     bash tools/gpu_check.sh kernels    # env report, GPU kernel tests (bf16, inductor): ~7.5 min on an H100
 #     bash tools/gpu_check.sh gemm       # grouped-GEMM bench, every family (apart: both do not fit one call)
 #     bash tools/gpu_check.sh layer      # MoE layer vs DeepSpeed-MoE vs dense, profiled; quickstart on one GPU
-#     bash tools/gpu_check.sh compile    # dropless layer and quickstart, eager against torch.compile
+#     bash tools/gpu_check.sh compile    # the layer (cf 1.25 and dropless) and the quickstart, eager against torch.compile
 #     bash tools/gpu_check.sh compare    # tools/compare_models.py --scale gpu (results.md under $OUT)
 #     bash tools/gpu_check.sh suite      # the whole test suite on the GPU machine
 #
@@ -77,21 +77,21 @@ layer)
     train.resume=none moe.grouped_mm=triton
   ;;
 compile)
-  # Dropless at ep=1: our routed layer compiles to one graph (tests/test_compile.py), so
+  # At ep=1 our routed layer compiles to one graph, capacity drops included (they are
+  # computed with zero weight under compile: moe/dispatch.py; tests/test_compile.py), so
   # inductor can fuse the routing epilogue, and reduce-overhead can put it in a CUDA graph.
-  # Each run compiles ours and dense for top-1 and top-2 in its warmup. The caps add up to
-  # 560 s, to fit one 10-minute call.
-  run compile_small timeout 110 python3 tools/bench_moe_layer.py --capacity-factor 0 --compile
-  run compile_small_graphs timeout 110 python3 tools/bench_moe_layer.py --capacity-factor 0 --compile \
-    --compile-mode reduce-overhead
+  # The small shape at issue 9's capacity factor 1.25, the large one dropless. Each run
+  # compiles ours and dense for top-1 and top-2 in its warmup. The caps add up to 560 s,
+  # to fit one 10-minute call.
+  run compile_small timeout 110 python3 tools/bench_moe_layer.py --compile
+  run compile_small_graphs timeout 110 python3 tools/bench_moe_layer.py --compile --compile-mode reduce-overhead
   run compile_large timeout 150 python3 tools/bench_moe_layer.py --capacity-factor 0 --compile \
     --tokens 16384 --d-model 1024 --d-expert 2048 --experts 8
-  # The quickstart, dropless, 100 steps: tokens/s eager, then with every block compiled
-  # (its 4 blocks share one training graph and one evaluation graph).
+  # The quickstart as configured (capacity factor 1.25), 100 steps: tokens/s eager, then
+  # with every block compiled (its 4 blocks share one training graph and one evaluation graph).
   for c in false true; do
     run "train_compile_$c" timeout 95 python3 -m moe_dist.train --config configs/quickstart.yaml \
-      run.dir=/tmp/gpu_compile_$c train.resume=none moe.capacity_factor=0 train.max_steps=100 \
-      checkpoint.every=0 train.compile=$c
+      run.dir=/tmp/gpu_compile_$c train.resume=none train.max_steps=100 checkpoint.every=0 train.compile=$c
   done
   ;;
 compare)

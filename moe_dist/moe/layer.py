@@ -19,7 +19,7 @@ from moe_dist.models.ffn import FFN
 from moe_dist.models.init import normal_
 from moe_dist.moe.aux import MoEAux, entropy_fields, sequence_probs
 from moe_dist.moe.balance import BalanceBias
-from moe_dist.moe.dispatch import expert_counts, sort_by_expert
+from moe_dist.moe.dispatch import dispatch_order, expert_counts
 from moe_dist.moe.experts import GroupedExperts, autocast_input
 from moe_dist.moe.router import (
     RouterLinear,
@@ -94,8 +94,12 @@ class MoEFFN(nn.Module):
         # 1. sort kept assignments by expert  2. expert FFNs (across ranks under ep)
         # 3. scale by routing weight and scatter-add into the tokens
         keep_P = None if aux.capacity is None else keep_TK.reshape(-1)  # dropless: no mask, no sync
-        assignment_N, tokens_per_expert_E = sort_by_expert(expert_TK.reshape(-1), keep_P, self.num_experts)
+        assignment_N, tokens_per_expert_E, dropped_N, kept_E = dispatch_order(
+            expert_TK.reshape(-1), keep_P, self.num_experts, self.ep.size
+        )
         w_N = weight_TK.reshape(-1).index_select(0, assignment_N)
+        if dropped_N is not None:  # computed under compile (moe/dispatch.py): weight 0, no gradient
+            w_N = w_N.masked_fill(dropped_N, 0)
         if self.ep.size == 1:  # all experts here: steps 1-3 in one op, no [N, D] copies
             y_TD = self.experts.dispatch_and_combine(x_TD, tokens_per_expert_E, assignment_N, self.top_k, w_N)
             aux.sent_bytes = []
@@ -106,7 +110,7 @@ class MoEFFN(nn.Module):
             y_ND, aux.sent_bytes = self.ep.run(autocast_input(x_TD), token_N, tokens_per_expert_E, self.experts, timer)
             y_TD = y_ND.new_zeros(B * S, D).index_add(0, token_N, y_ND * w_N.to(y_ND.dtype).unsqueeze(1))
             timer.lap("combine")
-        aux.kept_per_expert, aux.timer = tokens_per_expert_E, timer
+        aux.kept_per_expert, aux.timer = kept_E, timer
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD).to(y_TD.dtype)
         return y_TD.view(B, S, D), aux

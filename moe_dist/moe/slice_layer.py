@@ -32,7 +32,7 @@ from moe_dist.config import MoEConfig
 from moe_dist.models.init import normal_
 from moe_dist.moe.aux import MoEAux
 from moe_dist.moe.balance import BalanceBias
-from moe_dist.moe.dispatch import sort_by_expert
+from moe_dist.moe.dispatch import dispatch_order
 from moe_dist.moe.experts import GroupedExperts, autocast_input
 from moe_dist.moe.layer import router_dtype, routing_aux
 from moe_dist.moe.router import RouterLinear, route_topk
@@ -124,7 +124,9 @@ class SliceMoEFFN(nn.Module):
         # Nothing dropped (dropless, no slice dropout): no mask, so no host sync.
         all_kept = aux.capacity is None and slice_drop_PK is None
         keep_P = None if all_kept else keep_PK.reshape(-1)
-        assignment_N, tokens_per_expert_E = sort_by_expert(expert_PK.reshape(-1), keep_P, E)
+        assignment_N, tokens_per_expert_E, dropped_N, kept_E = dispatch_order(
+            expert_PK.reshape(-1), keep_P, E, self.ep.size
+        )
         pair_N = torch.div(assignment_N, K, rounding_mode="floor")
         w_N = weight_PK.reshape(-1)[assignment_N]
         # The weight scales the expert INPUT: gather and scale here (the dispatch buffer).
@@ -132,7 +134,10 @@ class SliceMoEFFN(nn.Module):
         # gradients (see ops/__init__.py).
         x_ND = autocast_input(x_PDs.index_select(0, pair_N) * w_N.to(x_PDs.dtype).unsqueeze(1))
         y_ND, aux.sent_bytes = self.ep.run(x_ND, None, tokens_per_expert_E, self.experts, timer)
+        if dropped_N is not None:  # computed under compile (moe/dispatch.py). Zero the
+            # output, not only the weight: the experts' biases map a zero input to nonzero.
+            y_ND = y_ND.masked_fill(dropped_N.unsqueeze(1), 0)
         y_PDs = y_ND.new_zeros(P, self.d_slice).index_add(0, pair_N, y_ND)
         timer.lap("combine")
-        aux.kept_per_expert, aux.timer = tokens_per_expert_E, timer
+        aux.kept_per_expert, aux.timer = kept_E, timer
         return y_PDs.view(B, S, D), aux
