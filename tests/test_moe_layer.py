@@ -91,6 +91,34 @@ def test_capacity_drops_counted_and_residual_zero():
     assert zero_rows == expected  # a dropped token gets exactly zero from the layer
 
 
+@pytest.mark.parametrize("backend, dtype", [("loop", torch.float64), ("torch", torch.float32)])
+def test_computed_drops_equal_left_out_drops(monkeypatch, backend, dtype):
+    """The two ways of dropping (moe/dispatch.py): left out of the dispatch (CPU eager, a
+    host sync) and computed with weight 0 (a GPU, torch.compile) give the same outputs,
+    gradients, drop count and kept-per-expert counts."""
+    import moe_dist.moe.dispatch as dispatch
+
+    x = torch.randn(2, 20, 16, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    results = []
+    for computed in (False, True):
+        monkeypatch.setattr(dispatch, "computes_dropped", lambda ep_size, device, c=computed: c)
+        layer = make_layer(4, 2, 0.5, D=16, F=8)  # torch._grouped_mm: 16-byte rows
+        layer.experts.backend = backend
+        layer = layer.to(dtype)
+        xi = x.clone().requires_grad_()
+        y, aux = layer(xi)
+        (y.square().sum() + aux.loss).backward()
+        grads = [p.grad for p in layer.parameters()]
+        results.append((y.detach(), xi.grad, grads, aux.dropped.item(), aux.kept_per_expert.tolist()))
+    (y0, gx0, g0, d0, k0), (y1, gx1, g1, d1, k1) = results
+    assert d0 == d1 > 0 and k0 == k1 and sum(k0) + d0 == 2 * 20 * 2
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y1, y0, **tol)
+    torch.testing.assert_close(gx1, gx0, **tol)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, **tol)
+
+
 def test_eval_capacity_factor_applies_in_eval_only():
     """moe.eval_capacity_factor (Switch: train 1.25, eval 2.0): model.eval() routes with it,
     training keeps capacity_factor; 0 is dropless."""
@@ -221,3 +249,42 @@ def test_torch_backend_checks_both_projections_of_an_expert_mlp():
     x, w_in, w_out = torch.randn(4, 16), torch.randn(2, 16, 12), torch.randn(2, 6, 16)  # swiglu: 12 -> 6
     with pytest.raises(ValueError, match="16x12x6x16 .*16-byte aligned"):
         grouped_mm_module.grouped_mlp(x, w_in, w_out, torch.tensor([1, 3]), "swiglu", backend="torch")
+
+
+def test_expert_counts_off_the_cpu_read_no_value_on_the_host():
+    """Meta tensors have no values, so any count that reads one (bincount sizes its output
+    by max(ids): two device-to-host syncs per call on CUDA) fails here."""
+    from moe_dist.moe.dispatch import expert_counts
+
+    counts = expert_counts(torch.empty(10, dtype=torch.long, device="meta"), 7)
+    assert (counts.shape, counts.dtype, counts.device.type) == ((7,), torch.long, "meta")
+    ids = torch.randint(0, 7, (300,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(expert_counts(ids, 7), torch.bincount(ids, minlength=7))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: host syncs exist only there")
+@pytest.mark.parametrize("backend, cf", [("torch", 0), ("torch", 0.5), ("triton", 0.5)])
+def test_layer_at_ep1_never_syncs_the_host_on_cuda(backend, cf):
+    """A routed layer at ep=1, forward and backward, waits for the GPU nowhere, capacity
+    drops included (computed with weight 0 there: moe/dispatch.py): set_sync_debug_mode
+    ("error") raises at any device-to-host sync. Each sync drains the launch queue, which
+    a small layer's host time then no longer overlaps."""
+    k = 2
+    cfg = MoEConfig(num_experts=8, top_k=k, d_expert=128, capacity_factor=cf, lb_loss_weight=0.01,
+                    z_loss_weight=0.001, grouped_mm=backend)  # fmt: skip
+    torch.manual_seed(0)
+    layer = MoEFFN(64, cfg, "swiglu")
+    layer.reset_parameters(0.02, 0.02)
+    layer = layer.cuda().to(torch.bfloat16)
+    x = torch.randn(2, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y, aux = layer(x)  # the first call: the kernels' autotuning and caches
+    (y.float().square().mean() + aux.loss).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, aux = layer(x)
+        (y.float().square().mean() + aux.loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    dropped, kept = aux.dropped.item(), aux.kept_per_expert.sum().item()
+    assert (dropped > 0) == (cf > 0) and kept + dropped == 2 * 256 * k

@@ -61,6 +61,8 @@ gemm)
     --family switchhead --family moeut --family mixtral
   ;;
 layer)
+  # The layer at ep=1 makes no device-to-host sync, dropless or not (sync debug mode).
+  run layer_syncs python3 -m pytest -q -p no:cacheprovider tests/test_moe_layer.py -k never_syncs
   # The shape (small) and a GPU-sized one, where the 1.3x-of-dense target is meant.
   run layer_small python3 tools/bench_moe_layer.py --backends auto,triton
   # --profile: where the layer's fixed cost goes (host ops by self CPU time, with CUDA times).

@@ -98,7 +98,7 @@ class MoEFFN(nn.Module):
             expert_TK.reshape(-1), keep_P, self.num_experts, self.ep.size
         )
         w_N = weight_TK.reshape(-1).index_select(0, assignment_N)
-        if dropped_N is not None:  # computed under compile (moe/dispatch.py): weight 0, no gradient
+        if dropped_N is not None:  # computed (GPU, compile: moe/dispatch.py): weight 0, no gradient
             w_N = w_N.masked_fill(dropped_N, 0)
         if self.ep.size == 1:  # all experts here: steps 1-3 in one op, no [N, D] copies
             y_TD = self.experts.dispatch_and_combine(x_TD, tokens_per_expert_E, assignment_N, self.top_k, w_N)

@@ -134,7 +134,7 @@ class SliceMoEFFN(nn.Module):
         # gradients (see ops/__init__.py).
         x_ND = autocast_input(x_PDs.index_select(0, pair_N) * w_N.to(x_PDs.dtype).unsqueeze(1))
         y_ND, aux.sent_bytes = self.ep.run(x_ND, None, tokens_per_expert_E, self.experts, timer)
-        if dropped_N is not None:  # computed under compile (moe/dispatch.py). Zero the
+        if dropped_N is not None:  # computed (GPU, compile: moe/dispatch.py). Zero the
             # output, not only the weight: the experts' biases map a zero input to nonzero.
             y_ND = y_ND.masked_fill(dropped_N.unsqueeze(1), 0)
         y_PDs = y_ND.new_zeros(P, self.d_slice).index_add(0, pair_N, y_ND)

@@ -15,8 +15,9 @@ ep=1: the experts run on rows_MD[src_N] directly. ep=P:
        back in received order,
     6. all_to_all back, and the caller combines with its routing weights.
 Step 2's sync is the only one in run(). With a capacity factor the layer syncs once before
-it (moe/dispatch.py sort_by_expert counts the kept rows), except under torch.compile at
-ep=1, which computes the dropped rows instead (moe/dispatch.py); dropless routing does not.
+it (moe/dispatch.py sort_by_expert counts the kept rows); at ep=1 on a GPU or under
+torch.compile the dropped rows are computed instead (moe/dispatch.py). Dropless routing
+does not sync.
 Capacity is decided over the whole ep group (capacity_mask), and balancing statistics are
 summed over the whole world (sum_stats), so every loss equals its one-process value on
 the same global batch.
