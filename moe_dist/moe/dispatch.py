@@ -57,10 +57,9 @@ def sort_by_expert(
     """(assignment_N, tokens_per_expert_E): the kept assignment ids, stably sorted by expert
     (rows of one expert stay in assignment order), and how many each expert got."""
     if keep_P is None:
-        kept_P = torch.arange(expert_P.numel(), device=expert_P.device)
-    else:
-        # NOTE: device-to-host sync: the number of kept rows sizes the permuted buffer.
-        kept_P = keep_P.nonzero().squeeze(1)
+        return torch.sort(expert_P, stable=True).indices, expert_counts(expert_P, num_experts)
+    # NOTE: device-to-host sync: the number of kept rows sizes the permuted buffer.
+    kept_P = keep_P.nonzero().squeeze(1)
     expert_kept = expert_P[kept_P]
     order = torch.sort(expert_kept, stable=True).indices
     return kept_P[order], expert_counts(expert_kept, num_experts)
