@@ -122,11 +122,14 @@ CAPACITY = {
 
 
 @pytest.mark.parametrize("config", list(CAPACITY))
-def test_capacity_drops_compile_to_one_graph_with_eager_numbers(config):
-    """Eager leaves dropped assignments out, sizing the dispatch by the kept count (nonzero,
-    a host sync, a graph break). Compiled at ep=1 the layer computes them with their
-    outputs zeroed (moe/dispatch.py): one graph, and eager's outputs, gradients, drop
-    count and kept-per-expert counts."""
+def test_capacity_drops_compile_to_one_graph_with_eager_numbers(config, monkeypatch):
+    """On CPU, eager leaves dropped assignments out, sizing the dispatch by the kept count
+    (nonzero, a host sync, a graph break). Compiled at ep=1 the layer computes them with no
+    output (moe/dispatch.py): one graph; the same drop and kept-per-expert counts; and the
+    numbers of the same computation in eager, bit for bit. That computation equals leaving
+    them out: tests/test_moe_layer.py test_computed_drops_equal_left_out_drops*."""
+    import moe_dist.moe.dispatch as dispatch
+
     block, x = _block_and_input(config, CAPACITY[config], torch.bfloat16)
 
     def run(b):
@@ -137,19 +140,27 @@ def test_capacity_drops_compile_to_one_graph_with_eager_numbers(config):
         block.zero_grad(set_to_none=True)
         return y.detach(), xi.grad, grads, [(a.dropped.item(), a.kept_per_expert.tolist(), a.assignments) for a in auxes]
 
-    eager = run(block)
-    ((dropped, kept, assignments),) = eager[3]
+    left_out = run(block)
+    ((dropped, kept, assignments),) = left_out[3]
     assert dropped > 0 and sum(kept) + dropped == assignments
+    with monkeypatch.context() as m:
+        m.setattr(dispatch, "computes_dropped", lambda ep_size, device: True)
+        eager = run(block)
     explained = torch._dynamo.explain(block)(x)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     torch._dynamo.reset()
     got = run(torch.compile(block, backend="aot_eager"))
-    assert got[3] == eager[3]
+    assert got[3] == eager[3] == left_out[3]
     torch.testing.assert_close(got[0], eager[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1], eager[1], rtol=0, atol=0)
     assert len(got[2]) == len(eager[2]) > 0
     for g, e in zip(got[2], eager[2]):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
+    if config == "tiny_slicemoe":  # cross-slice dropout's skipped slices stay in the graph too
+        block, x = _block_and_input(config, ["moe.capacity_factor=0.5", "moe.slice_dropout=0.2"], torch.bfloat16)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(block)(x)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
 # MoEUT: SwitchHead attention and a sigma-MoE FFN, in 2 shared blocks; SliceMoE: the loop

@@ -119,6 +119,38 @@ def test_computed_drops_equal_left_out_drops(monkeypatch, backend, dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.mark.parametrize("config, extra", [
+    ("tiny_slicemoe", ["moe.capacity_factor=0.5"]),  # with cross-slice dropout (0.2)
+    ("tiny_sigma_moe", ["moe.capacity_factor=0.7"]),  # with expert dropout
+])  # fmt: skip
+def test_computed_drops_equal_left_out_drops_in_blocks(monkeypatch, config, extra):
+    """As above for a SliceMoE block (whose experts' biases need the output zeroed, not only
+    the weight) and a sigma-MoE block, in training mode with their dropouts, float64."""
+    import moe_dist.moe.dispatch as dispatch
+    from moe_dist.config import load_config
+    from moe_dist.models.transformer import LM
+
+    cfg = load_config(f"configs/{config}.yaml", ["model.d_model=64", "data.seq_len=16", "model.dropout=0"] + extra)
+    x = torch.randn(2, 16, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for computed in (False, True):
+        monkeypatch.setattr(dispatch, "computes_dropped", lambda ep_size, device, c=computed: c)
+        torch.manual_seed(0)
+        block = LM(cfg, 64).double().blocks[-1]
+        xi = x.clone().requires_grad_()
+        y, auxes = block(xi)
+        (y.square().sum() + sum(a.loss for a in auxes)).backward()
+        stats = [(a.dropped.item(), a.kept_per_expert.tolist(), None if a.skipped is None else a.skipped.item())
+                 for a in auxes]  # fmt: skip
+        results.append((y.detach(), xi.grad, [p.grad for p in block.parameters()], stats))
+    (y0, gx0, g0, s0), (y1, gx1, g1, s1) = results
+    assert s0 == s1 and s0[0][0] > 0
+    torch.testing.assert_close(y1, y0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_eval_capacity_factor_applies_in_eval_only():
     """moe.eval_capacity_factor (Switch: train 1.25, eval 2.0): model.eval() routes with it,
     training keeps capacity_factor; 0 is dropless."""
@@ -256,10 +288,14 @@ def test_expert_counts_off_the_cpu_read_no_value_on_the_host():
     by max(ids): two device-to-host syncs per call on CUDA) fails here."""
     from moe_dist.moe.dispatch import expert_counts
 
+    from moe_dist.moe.dispatch import _scatter_counts
+
     counts = expert_counts(torch.empty(10, dtype=torch.long, device="meta"), 7)
     assert (counts.shape, counts.dtype, counts.device.type) == ((7,), torch.long, "meta")
+    # The values of that (off-CPU) path, on CPU; experts 1, 2, 4 and 6 get none.
+    assert _scatter_counts(torch.tensor([3, 0, 3, 3, 0, 5]), 7).tolist() == [2, 0, 0, 3, 0, 1, 0]
     ids = torch.randint(0, 7, (300,), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(expert_counts(ids, 7), torch.bincount(ids, minlength=7))
+    assert torch.equal(_scatter_counts(ids, 7), torch.bincount(ids, minlength=7))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: host syncs exist only there")

@@ -59,8 +59,9 @@ class MoEAux:
     (rows dispatched + expert outputs returned); empty in one process."""
     # -- traffic statistics (trainer/traffic.py); all detached, none synced to the host --
     kept_per_expert: Optional[torch.Tensor] = None
-    """[E] assignments of THIS rank's rows that each expert computed (after capacity drops and
-    slice dropout), int64."""
+    """[E] assignments of THIS rank's rows that each expert kept (after capacity drops and
+    slice dropout): the ones whose output reaches the tokens, int64. (Where dropped rows
+    are computed with weight 0, moe/dispatch.py, they are not counted.)"""
     skipped: Optional[torch.Tensor] = None
     """Assignments of this rank's rows not computed because cross-slice dropout zeroed
     their weight (SliceMoE training only; not a capacity drop), int64 scalar."""

@@ -3,7 +3,7 @@
 Legend: P assignments (rows x top-k, flattened row-major), N kept assignments, E experts.
 
 Every routed layer (token-choice MoE, sigma-MoE, SliceMoE, SwitchHead's V and O) does:
-  1. sort its kept assignments by expert -> the rows of each expert are contiguous, and
+  1. sort its assignments by expert -> the rows of each expert are contiguous, and
      within an expert they stay in assignment (token) order,
   2. hand the sorted row indices to ExpertParallel.run (local, or all-to-all across ranks),
   3. scale the outputs by the routing weights and scatter-add them into their rows.
@@ -12,12 +12,17 @@ No [T, E, capacity] one-hot tensors (DeepSpeed-MoE's einsum dispatch) anywhere.
 Capacity drops: on CPU in eager, and at ep > 1, the dropped assignments are left out of
 the sort, so the dispatch is sized by the kept count, which the host must read (`nonzero`,
 one sync). At ep=1 on a GPU, or under torch.compile, the layer instead computes every
-assignment and zeroes the dropped ones' outputs (computes_dropped), so no shape depends on
-the data: a GPU sync drains the launch queue, which a small layer's host time then no
-longer overlaps, and under compile it would break the graph (and rule out a CUDA graph).
-The expert FLOPs are then a dropless layer's: at a capacity factor above 1, fewer than the
+assignment and gives the dropped ones no output (computes_dropped): weight 0 in the token
+MoE, a zeroed expert output in SliceMoE. No shape then depends on the data: a GPU sync
+drains the launch queue, which a small layer's host time then no longer overlaps, and
+under compile it would break the graph (and rule out a CUDA graph). This saves the sync
+only where the experts run without one: on the torch (bf16 torch._grouped_mm) and triton
+backends, not on the loop backend, which splits rows by counts read on the host. The
+expert FLOPs are then a dropless layer's: at a capacity factor above 1, fewer than the
 E x capacity padded rows that DeepSpeed-MoE, Tutel and Megatron's drop-and-pad compute for
-the same static shapes. On CPU the sync is free and the rows are not. At ep > 1 the
+the same static shapes. One difference: an expert output that overflows to inf on a
+dropped row gives NaN (inf x 0), where leaving the row out gives nothing; on a kept row
+it is inf or NaN either way. On CPU the sync is free and the rows are not. At ep > 1 the
 all-to-all's split sizes sync anyway, and sending dropped rows would cost bytes.
 """
 
@@ -28,26 +33,31 @@ from typing import Optional
 import torch
 
 
-def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[num_experts] int64: how many of `ids` (all in [0, num_experts)) name each expert.
-
-    A scatter-add of ones into [E] zeros: a static shape, no host sync. torch.bincount would
-    size its output by max(ids) + 1, read on the host: on CUDA it copies min(ids) and
-    max(ids) to the host (two syncs a call, two or three calls per routed layer), and torch.compile
-    breaks the graph there. bincount is kept for CPU eager only, where reading a value is
-    free and it is 1.3-1.8x faster (8-85 us for 4k-131k ids, 2 cores). Integer adds are
-    exact, so both give the same counts in any order (tests check they agree)."""
-    flat = ids.reshape(-1)
-    if flat.device.type == "cpu" and not torch.compiler.is_compiling():
-        return torch.bincount(flat, minlength=num_experts)
-    return torch.zeros(num_experts, dtype=torch.long, device=ids.device).scatter_add_(
+def _scatter_counts(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(
         0, flat, torch.ones_like(flat, dtype=torch.long)
     )
 
 
+def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[num_experts] int64: how many of `ids` (all in [0, num_experts)) name each expert.
+
+    A scatter-add of ones into [E] zeros: a static shape, no host sync. torch.bincount
+    sizes its output by max(ids) + 1, read on the host: on CUDA it copies min(ids) and
+    max(ids) to the host (two syncs a call, two or three calls per routed layer), and
+    torch.compile breaks the graph there. bincount is kept for CPU eager only, where
+    reading a value is free and it is 1.3-1.8x faster (8-85 us for 4k-131k ids, 2 cores).
+    Integer adds are exact, so both give the same counts in any order (tests check they
+    agree). On CUDA the scatter-add's atomics all hit E addresses: not timed there yet."""
+    flat = ids.reshape(-1)
+    if flat.device.type == "cpu" and not torch.compiler.is_compiling():
+        return torch.bincount(flat, minlength=num_experts)
+    return _scatter_counts(flat, num_experts)
+
+
 def computes_dropped(ep_size: int, device: torch.device) -> bool:
-    """Whether a routed layer keeps its capacity-dropped assignments in the dispatch, with
-    their outputs zeroed, rather than leave them out (see the module docstring)."""
+    """Whether a routed layer keeps its capacity-dropped assignments in the dispatch, giving
+    them no output, rather than leave them out (see the module docstring)."""
     return ep_size == 1 and (device.type != "cpu" or torch.compiler.is_compiling())
 
 

@@ -11,7 +11,7 @@ and returns a TrafficWindow (the same on every rank; rank 0 logs it).
 
 What is global and what is per rank: routed counts, drops and loss terms were already summed
 over the world inside the forward (they feed the balancing losses), so row 0 holds them. The
-kept (computed) counts, slice-dropout skips and router entropies are this rank's rows: summed
+kept counts, slice-dropout skips and router entropies are this rank's rows: summed
 over the gathered rows. Bytes sent to each peer and phase times stay per rank: the bytes
 matrix and the per-rank timings.
 
@@ -61,11 +61,11 @@ class CallStats:
     routed: np.ndarray
     """[E] assignments each expert was chosen for, global batch, before drops."""
     kept: np.ndarray
-    """[E] assignments each expert computed, global batch."""
+    """[E] assignments each expert kept (its output reached the tokens), global batch."""
     dropped: int
     """Assignments dropped for capacity."""
     skipped: int
-    """Assignments not computed because cross-slice dropout zeroed them (SliceMoE)."""
+    """Assignments not kept because cross-slice dropout zeroed them (SliceMoE)."""
     assignments: int
     """Assignments routed (rows x top-k)."""
     capacity: Optional[int]

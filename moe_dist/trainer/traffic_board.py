@@ -2,7 +2,7 @@
 heatmap images, and the custom-scalars "Experts" dashboards.
 
 Tags (per routed call label, e.g. L03_ffn):
-  moe/<label>/tokens_per_expert   histogram, bucket e = tokens expert e computed in the window
+  moe/<label>/tokens_per_expert   histogram, bucket e = tokens expert e kept in the window
   moe/<label>/a2a_bytes           histogram, bucket src*world+dst = bytes per step (exact)
   moe/<label>/a2a_heatmap         image of that rank x rank matrix
   moe/<label>/bias                histogram of the aux-loss-free selection biases
