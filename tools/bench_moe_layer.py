@@ -5,6 +5,7 @@
     python tools/bench_moe_layer.py --backends loop,torch         # ours on each grouped_mm backend
     python tools/bench_moe_layer.py --profile 5                   # + where ours spends its time
     python tools/bench_moe_layer.py --capacity-factor 0 --compile # dropless, + ours and dense compiled
+    python tools/bench_moe_layer.py --synced                      # + ours with its old host syncs
 
 For top-1 and top-2 at capacity factor 1.25, on the same input, in one process group:
   ours      moe_dist.moe.layer.MoEFFN (sorted dispatch, variable-size all-to-all), one row
@@ -14,6 +15,10 @@ For top-1 and top-2 at capacity factor 1.25, on the same input, in one process g
   dense     a GELU FFN of hidden k x d_expert: the same matmul FLOPs per token
   +c        with --compile: ours (each backend) and dense again, under torch.compile
             (nn.Module.compile, --compile-backend inductor), as train.compile runs the blocks
+  ours-synced with --synced: ours (auto) as before commit 0c948e1, with torch.bincount
+            counts and capacity drops left out of the dispatch: on CUDA, 2 device-to-host
+            syncs per count and one for the kept rows (7 per forward at a capacity
+            factor). The same computation as ours on CPU.
 --capacity-factor 0 is dropless: ours without a capacity, DeepSpeed with drop_tokens=False.
 Each is timed forward+backward, interleaved round-robin so machine noise hits all three
 alike: the median over --iters samples (after --warmup), each sample --repeat steps run
@@ -27,8 +32,10 @@ memory events (CPU has no allocator statistics).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -66,6 +73,28 @@ def auto_pick(layer: MoEFFN, aux, x: torch.Tensor) -> str:
     w = layer.experts.w_in_EDH  # this rank's experts
     rows = aux.kept_per_expert.sum().item() * layer.ep.size * w.shape[0] // layer.num_experts
     return _resolve("auto", x, w.to(x.dtype), rows)
+
+
+@contextlib.contextmanager
+def synced_counts_and_drops():
+    """Run the routed layers as they were before commit 0c948e1, which took their host syncs
+    out: torch.bincount for every expert count, capacity drops left out of the dispatch.
+    For a side-by-side measurement of what that gained; a benchmark's patch, not an option
+    of the library. Every moe_dist module's `expert_counts` name is rebound, then restored."""
+    import moe_dist.moe.dispatch as dispatch
+
+    counts, computes_dropped = dispatch.expert_counts, dispatch.computes_dropped
+    users = [m for name, m in list(sys.modules.items())
+             if name.startswith("moe_dist") and getattr(m, "expert_counts", None) is counts]  # fmt: skip
+    try:
+        for m in users:
+            m.expert_counts = lambda ids, n: torch.bincount(ids.reshape(-1), minlength=n)
+        dispatch.computes_dropped = lambda ep_size, device: False
+        yield
+    finally:
+        for m in users:
+            m.expert_counts = counts
+        dispatch.computes_dropped = computes_dropped
 
 
 def cpu_peak_bytes(step) -> int:
@@ -109,6 +138,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=None, help="steps per timed sample (default: 10 on GPU, 1 on CPU)")
     p.add_argument("--backends", default="auto", help="comma-separated moe.grouped_mm values for our layer")
     p.add_argument("--compile", action="store_true", help="also time ours and dense under torch.compile")
+    p.add_argument("--synced", action="store_true", help="also time ours with its pre-0c948e1 host syncs")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (the smoke test: aot_eager)")
     p.add_argument("--profile", type=int, default=0, metavar="ITERS",
@@ -149,18 +179,21 @@ def main() -> None:
             return FFN(D, k * F, "gelu").to(device, dtype)
 
         builders = {"ours" if b == "auto" else f"ours-{b}": lambda b=b: build_ours(b) for b in a.backends.split(",")}
+        if a.synced:
+            builders["ours-synced"] = lambda: build_ours("auto")
         builders["deepspeed"] = lambda: deepspeed_moe(D, F, E, k, world, a.capacity_factor).to(device, dtype)
         builders["dense"] = build_dense
         models = {name: build() for name, build in builders.items()}
         if a.compile:  # the warmup iterations compile them
-            for name in [n for n in builders if n != "deepspeed"]:
+            for name in [n for n in builders if n not in ("deepspeed", "ours-synced")]:
                 models[name + "+c"] = builders[name]()
                 models[name + "+c"].compile(backend=a.compile_backend, mode=a.compile_mode)
 
         def step(name, pick=False):
             xi = x.detach().requires_grad_()
             ours = name.startswith("ours")
-            out = models[name](xi.view(1, a.tokens, D) if ours else xi)
+            with synced_counts_and_drops() if name == "ours-synced" else contextlib.nullcontext():
+                out = models[name](xi.view(1, a.tokens, D) if ours else xi)
             if ours:  # (y, MoEAux)
                 loss = out[0].float().square().mean() + out[1].loss
                 if pick and not name.endswith("+c"):  # untimed: reads a count on the host

@@ -64,10 +64,11 @@ layer)
   # The layer at ep=1 makes no device-to-host sync, dropless or not (sync debug mode).
   run layer_syncs python3 -m pytest -q -p no:cacheprovider tests/test_moe_layer.py -k never_syncs
   # The shape (small) and a GPU-sized one, where the 1.3x-of-dense target is meant.
-  run layer_small python3 tools/bench_moe_layer.py --backends auto,triton
+  # --synced: ours with the 7 host syncs per forward it had before commit 0c948e1, side by side.
+  run layer_small python3 tools/bench_moe_layer.py --backends auto,triton --synced
   # --profile: where the layer's fixed cost goes (host ops by self CPU time, with CUDA times).
   run layer_large python3 tools/bench_moe_layer.py --tokens 16384 --d-model 1024 --d-expert 2048 \
-    --experts 8 --backends auto,triton --profile 5
+    --experts 8 --backends auto,triton --synced --profile 5
   # Mixtral's FFN width: the layer's fixed routing cost (~4-5 ms on an H100, docs/benchmarks.md)
   # is small next to the GEMMs here, which is where the 1.3x-of-dense target can hold.
   run layer_mixtral python3 tools/bench_moe_layer.py --tokens 16384 --d-model 4096 --d-expert 14336 \
