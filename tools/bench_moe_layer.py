@@ -20,13 +20,14 @@ For top-1 and top-2 at capacity factor 1.25, on the same input, in one process g
             syncs per count and one for the kept rows (7 per forward at a capacity
             factor). The same computation as ours on CPU.
 --capacity-factor 0 is dropless: ours without a capacity, DeepSpeed with drop_tokens=False.
-Each is timed forward+backward, interleaved round-robin so machine noise hits all three
-alike: the median over --iters samples (after --warmup), each sample --repeat steps run
-back to back between two device syncs, divided by --repeat. On a GPU the default repeat of
-10 lets the host queue step i+1 while step i runs, as in training; with one step per sync a
-step's host time and GPU time would add up. Peak memory: torch.cuda.max_memory_allocated on
-GPU; on CPU the peak of live bytes allocated during one forward+backward, from torch.profiler's
-memory events (CPU has no allocator statistics).
+Each is timed forward+backward, interleaved round-robin (each round starting one layer
+later) so machine noise and position hit all alike: the median over --iters samples (after
+--warmup), each sample --repeat steps run back to back between two device syncs, divided by
+--repeat. On a GPU the default repeat of 10 lets the host queue step i+1 while step i runs,
+as in training; with one step per sync a step's host time and GPU time would add up. Peak
+memory: torch.cuda.max_memory_allocated on GPU; on CPU the peak of live bytes allocated
+during one forward+backward, from torch.profiler's memory events (CPU has no allocator
+statistics).
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ def auto_pick(layer: MoEFFN, aux, x: torch.Tensor) -> str:
     return _resolve("auto", x, w.to(x.dtype), rows)
 
 
+_COUNT_USERS: list = []  # the moe_dist modules that call expert_counts by that name
+
+
 @contextlib.contextmanager
 def synced_counts_and_drops():
     """Run the routed layers as they were before commit 0c948e1, which took their host syncs
@@ -84,8 +88,10 @@ def synced_counts_and_drops():
     import moe_dist.moe.dispatch as dispatch
 
     counts, computes_dropped = dispatch.expert_counts, dispatch.computes_dropped
-    users = [m for name, m in list(sys.modules.items())
-             if name.startswith("moe_dist") and getattr(m, "expert_counts", None) is counts]  # fmt: skip
+    if not _COUNT_USERS:  # found once: a scan of sys.modules per step would be timed
+        _COUNT_USERS.extend(m for name, m in list(sys.modules.items())
+                            if name.startswith("moe_dist") and getattr(m, "expert_counts", None) is counts)  # fmt: skip
+    users = _COUNT_USERS
     try:
         for m in users:
             m.expert_counts = lambda ids, n: torch.bincount(ids.reshape(-1), minlength=n)
@@ -210,8 +216,11 @@ def main() -> None:
 
         picks: set[str] = set()
         times = {n: [] for n in models}
+        names = list(models)
         for i in range(a.warmup + a.iters):
-            for n in models:
+            # Each round starts one layer later: a fixed order gave the layer timed first
+            # after the barrier a position cost (about 10% at 256 tokens on CPU).
+            for n in names[i % len(names):] + names[: i % len(names)]:
                 dist.barrier()
                 sync()
                 t0 = time.perf_counter()
