@@ -20,6 +20,7 @@ For top-1 and top-2 at capacity factor 1.25, on the same input, in one process g
             syncs per count and one for the kept rows (7 per forward at a capacity
             factor). The same computation as ours on CPU.
 --capacity-factor 0 is dropless: ours without a capacity, DeepSpeed with drop_tokens=False.
+syncs: on CUDA, the device-to-host syncs of one forward+backward (sync debug mode).
 Each is timed forward+backward, interleaved round-robin (each round starting one layer
 later) so machine noise and position hit all alike: the median over --iters samples (after
 --warmup), each sample --repeat steps run back to back between two device syncs, divided by
@@ -101,6 +102,22 @@ def synced_counts_and_drops():
         for m in users:
             m.expert_counts = counts
         dispatch.computes_dropped = computes_dropped
+
+
+def count_syncs(step) -> int:
+    """Device-to-host syncs in one call of step() on CUDA: set_sync_debug_mode("warn") warns
+    at each ("called a synchronizing operation"); the autograd engine replays its threads'
+    warnings on this one after backward."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
 
 
 def cpu_peak_bytes(step) -> int:
@@ -231,15 +248,18 @@ def main() -> None:
                     times[n].append((time.perf_counter() - t0) / repeat)
         for n in models:
             dist.barrier()
+            syncs = "-"  # CPU: nothing to wait for
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
                 step(n, pick=True)
                 sync()
                 peak = torch.cuda.max_memory_allocated()
+                syncs = str(count_syncs(lambda: step(n)))  # its own step: pick reads the host
+                sync()
             else:
                 peak = cpu_peak_bytes(lambda: step(n, pick=True))
             med = statistics.median(times[n])
-            rows.append((k, n, med * 1000, peak / 2**20))
+            rows.append((k, n, med * 1000, peak / 2**20, syncs))
         if "auto" in a.backends.split(","):
             notes.append(f"top-{k}: auto ran {' and '.join(sorted(picks - {''}))}")
         if a.profile and k == 2:  # every rank profiles (ep's collectives); rank 0 prints
@@ -250,10 +270,10 @@ def main() -> None:
         where = torch.cuda.get_device_name(device) if cuda else "CPU (gloo)"
         print(f"{where}, world {world} (ep={world}), {a.tokens} tokens/rank, d_model {D}, d_expert {F}, {E} experts, "
               f"cf {a.capacity_factor}, {dtype}, median of {a.iters} samples of {repeat} back-to-back step(s)")
-        print(f"{'top-k':<6}{'layer':<15}{'fwd+bwd ms':>11}{'vs ours':>9}{'peak MiB':>10}")
-        for k, n, ms, mib in rows:
+        print(f"{'top-k':<6}{'layer':<15}{'fwd+bwd ms':>11}{'vs ours':>9}{'peak MiB':>10}{'syncs':>7}")
+        for k, n, ms, mib, syncs in rows:
             base = next(r[2] for r in rows if r[0] == k and r[1].startswith("ours"))
-            print(f"{k:<6}{n:<15}{ms:>11.2f}{ms / base:>9.2f}{mib:>10.2f}")
+            print(f"{k:<6}{n:<15}{ms:>11.2f}{ms / base:>9.2f}{mib:>10.2f}{syncs:>7}")
         print("; ".join(notes))
         for text in profiles:
             print(text)
