@@ -87,18 +87,18 @@ def test_entropy_regulariser_hand_computed_and_pooled_over_repeats():
     # distribution is [0.5, 0.5, 0, 0] (entropy term -log 2), not 0 + 0 per repeat.
     zero = torch.zeros(())
     auxes = [
-        MoEAux("ffn", 7, zero, torch.zeros(E), zero, 1, torch.tensor([3.0, 0, 0, 0]), 3, 0.1),
-        MoEAux("ffn", 7, zero, torch.zeros(E), zero, 1, torch.tensor([0, 3.0, 0, 0]), 3, 0.1),
+        MoEAux("ffn", zero, torch.zeros(E), zero, 1, torch.tensor([3.0, 0, 0, 0]), 3, 0.1, block=7),
+        MoEAux("ffn", zero, torch.zeros(E), zero, 1, torch.tensor([0, 3.0, 0, 0]), 3, 0.1, block=7),
     ]
     torch.testing.assert_close(total_aux_loss(auxes), torch.tensor(-0.1 * math.log(2)))
-    auxes[1].group_key = 8  # two different routers: each pooled alone
+    auxes[1].block = 8  # two different routers: each pooled alone
     torch.testing.assert_close(total_aux_loss(auxes), torch.tensor(0.0))
-    auxes[0].group_key = auxes[1].group_key = None  # a layer called outside a model: alone
+    auxes[0].block = auxes[1].block = -1  # a layer called outside a model: alone
     torch.testing.assert_close(total_aux_loss(auxes), torch.tensor(0.0))
     # entropy_scope=sequence: two sequences, each all-in on its own expert. One batch-level
     # p calls this balanced (-log 2); per sequence each p is collapsed (0).
-    seq = MoEAux("ffn", 7, zero, torch.zeros(E), zero, 1, torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0]]), 3, 0.1,
-                 num_sequences=torch.tensor(2.0), sum_over_ranks=lambda ts: ts)
+    seq = MoEAux("ffn", zero, torch.zeros(E), zero, 1, torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0]]), 3, 0.1,
+                 num_sequences=torch.tensor(2.0), sum_over_ranks=lambda ts: ts, block=7)
     torch.testing.assert_close(total_aux_loss([seq]), torch.tensor(0.0))
 
 
@@ -233,7 +233,7 @@ def test_moeut_layer_grouping_shares_parameters_in_order():
     assert calls == [0, 1, 0, 1]
     ffn = [a for a in out.moe if a.name == "ffn"]
     assert [a.layer for a in ffn] == [0, 1, 2, 3]
-    assert ffn[0].group_key == ffn[2].group_key != ffn[1].group_key
+    assert ffn[0].block == ffn[2].block != ffn[1].block
     # Entropy pooled over both repeats of each distinct layer, 2 groups (plus zero LB/z terms).
     expected = sum(
         0.01 * entropy_regularizer(ffn[j].probs_sum + ffn[j + 2].probs_sum, ffn[j].num_rows * 2) for j in (0, 1)

@@ -115,7 +115,6 @@ class SwitchHeadAttention(nn.Module):
             terms["entropy_reg"] = term.detach()
         aux = MoEAux(
             name=name,
-            group_key=None,  # set by the model (moe/aux.py)
             loss=torch.zeros((), dtype=torch.float32, device=x_route_TD.device),
             tokens_per_expert=total[0].detach(),
             dropped=torch.zeros((), dtype=torch.long, device=x_route_TD.device),

@@ -159,7 +159,7 @@ class LM(nn.Module):
         for depth, i in enumerate(self.layer_order):
             x, auxes = self.blocks[i](x)
             for aux in auxes:
-                aux.layer, aux.block, aux.group_key = depth, i, i
+                aux.layer, aux.block = depth, i
             moe_aux.extend(auxes)
         return LMOutput(self.readout(self.ln_out(x)), moe_aux)
 

@@ -1,9 +1,9 @@
 """What every routed layer returns beside its output: losses and routing statistics.
 
 Layers return these from forward (no global side channel). The model collects them in
-depth order, one per routed call, and keys each by the block module that routed
-(`group_key`): MoEUT's shared blocks return one per repeat, all with the same key, and
-`total_aux_loss` pools the entropy regulariser over each group.
+depth order, one per routed call, and marks each with the block module that routed
+(`block`): MoEUT's shared blocks return one per repeat, all with the same block, and
+`total_aux_loss` pools the entropy regulariser over each.
 """
 
 from __future__ import annotations
@@ -20,13 +20,6 @@ from moe_dist.moe.router import entropy_regularizer
 class MoEAux:
     name: str
     """What routed: 'ffn', 'attn_src', 'attn_dst'."""
-    group_key: Optional[int]
-    """Which router: calls with the same key (and name) pool their entropy regulariser. The
-    model sets it to the index of the block module that routed, so MoEUT's repeats of a
-    shared block share it; None pools the call alone. Set outside the layers on purpose:
-    an id(module) taken inside a block compiled by train.compile makes dynamo guard on the
-    module's identity, so every block compiles its own graph and, past dynamo's recompile
-    limit (8), the rest run uncompiled."""
     loss: torch.Tensor
     """Weighted per-call auxiliary losses (Switch LB, z-loss, slice capacity), float32 scalar."""
     tokens_per_expert: torch.Tensor
@@ -53,7 +46,12 @@ class MoEAux:
     layer: int = -1
     """Depth (0-based application index) of the block that routed; set by the model."""
     block: int = -1
-    """Index of the block module that routed (MoEUT: repeats of a shared block share it)."""
+    """Index of the block module that routed (MoEUT: repeats of a shared block share it);
+    set by the model. Calls with the same block (and name) pool their entropy regulariser;
+    -1 (a layer called outside a model) pools alone. Set outside the layers on purpose: an
+    id(module) taken inside a block compiled by train.compile makes dynamo guard on the
+    module's identity, so every block compiles its own graph and, past dynamo's recompile
+    limit (8), the rest run uncompiled."""
     sent_bytes: list[int] = field(default_factory=list)
     """Under expert parallelism: bytes this rank sent to each ep rank in this call
     (rows dispatched + expert outputs returned); empty in one process."""
@@ -119,7 +117,7 @@ def total_aux_loss(auxes: list[MoEAux]) -> torch.Tensor:
     for a in auxes:
         total = total + a.loss
         if a.entropy_weight > 0 and a.probs_sum is not None:
-            key = id(a) if a.group_key is None else a.group_key
+            key = id(a) if a.block < 0 else a.block
             pooled.setdefault((key, a.name), []).append(a)
     per_sequence: list[tuple[MoEAux, torch.Tensor]] = []
     for group in pooled.values():

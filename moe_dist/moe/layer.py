@@ -184,7 +184,6 @@ def routing_aux(
         terms["slice_cv2"] = cv2
     return MoEAux(
         name=name,
-        group_key=None,  # set by the model (moe/aux.py)
         loss=loss.float(),
         tokens_per_expert=counts_E.detach(),
         dropped=total["dropped"].detach(),
