@@ -325,9 +325,9 @@ class TrainConfig:
     FSDP2 (fully_shard per block); expert shards stay with expert parallelism."""
     compile: bool = False
     """torch backend: torch.compile every transformer block (nn.Module.compile, in place, so
-    checkpoint keys do not change). A dropless MoE block at ep=1 on the bf16 torch._grouped_mm
-    path compiles to one graph, routing and balancing statistics included; host syncs
-    (capacity drops, the all-to-all split sizes, the CPU loop backend) split it in pieces.
+    checkpoint keys do not change). An MoE block at ep=1 on the bf16 torch._grouped_mm path
+    compiles to one graph, routing, capacity drops and balancing statistics included; host
+    syncs (the all-to-all split sizes at ep>1, the CPU loop backend) split it in pieces.
     Phase timing (logging.expert_timing) is off under compile."""
     compile_backend: str = "inductor"
     """torch.compile backend for train.compile (a name from torch._dynamo.list_backends)."""

@@ -33,10 +33,10 @@ from typing import Optional
 import torch
 
 
-def _scatter_counts(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
-    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.long)
-    )
+def _scatter_counts(flat: torch.Tensor, num_experts: int, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Counts of `flat`'s ids (only where `keep`), by a scatter-add into [E] zeros: static shapes."""
+    ones = torch.ones_like(flat, dtype=torch.long) if keep is None else keep.long()
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, ones)
 
 
 def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -86,7 +86,5 @@ def dispatch_order(
         assignment_N, rows_E = sort_by_expert(expert_P, keep_P, num_experts)
         return assignment_N, rows_E, None, rows_E
     assignment_N, rows_E = sort_by_expert(expert_P, None, num_experts)
-    kept_E = torch.zeros(num_experts, dtype=torch.long, device=expert_P.device).scatter_add_(
-        0, expert_P, keep_P.long()
-    )  # static shapes: no sync
+    kept_E = _scatter_counts(expert_P, num_experts, keep_P)  # no sync
     return assignment_N, rows_E, ~keep_P.index_select(0, assignment_N), kept_E
