@@ -91,32 +91,47 @@ def test_capacity_drops_counted_and_residual_zero():
     assert zero_rows == expected  # a dropped token gets exactly zero from the layer
 
 
+def _both_drop_forms(monkeypatch, build, x, tol):
+    """Runs build()(x) forward+backward with the dropped assignments left out of the dispatch
+    and computed with no output (moe/dispatch.py computes_dropped forced each way), asserts
+    equal outputs and gradients within tol, and returns each routed call's (dropped, kept per
+    expert, skipped) of both runs."""
+    import moe_dist.moe.dispatch as dispatch
+
+    results = []
+    for computed in (False, True):
+        monkeypatch.setattr(dispatch, "computes_dropped", lambda ep_size, device, c=computed: c)
+        module = build()
+        xi = x.clone().requires_grad_()
+        y, auxes = module(xi)
+        auxes = auxes if isinstance(auxes, list) else [auxes]
+        (y.square().sum() + sum(a.loss for a in auxes)).backward()
+        stats = [(a.dropped.item(), a.kept_per_expert.tolist(), None if a.skipped is None else a.skipped.item())
+                 for a in auxes]  # fmt: skip
+        results.append((y.detach(), xi.grad, [p.grad for p in module.parameters()], stats))
+    (y0, gx0, g0, s0), (y1, gx1, g1, s1) = results
+    torch.testing.assert_close(y1, y0, **tol)
+    torch.testing.assert_close(gx1, gx0, **tol)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, **tol)
+    return s0, s1
+
+
 @pytest.mark.parametrize("backend, dtype", [("loop", torch.float64), ("torch", torch.float32)])
 def test_computed_drops_equal_left_out_drops(monkeypatch, backend, dtype):
     """The two ways of dropping (moe/dispatch.py): left out of the dispatch (CPU eager, a
     host sync) and computed with weight 0 (a GPU, torch.compile) give the same outputs,
     gradients, drop count and kept-per-expert counts."""
-    import moe_dist.moe.dispatch as dispatch
 
-    x = torch.randn(2, 20, 16, dtype=dtype, generator=torch.Generator().manual_seed(3))
-    results = []
-    for computed in (False, True):
-        monkeypatch.setattr(dispatch, "computes_dropped", lambda ep_size, device, c=computed: c)
+    def build():
         layer = make_layer(4, 2, 0.5, D=16, F=8)  # torch._grouped_mm: 16-byte rows
         layer.experts.backend = backend
-        layer = layer.to(dtype)
-        xi = x.clone().requires_grad_()
-        y, aux = layer(xi)
-        (y.square().sum() + aux.loss).backward()
-        grads = [p.grad for p in layer.parameters()]
-        results.append((y.detach(), xi.grad, grads, aux.dropped.item(), aux.kept_per_expert.tolist()))
-    (y0, gx0, g0, d0, k0), (y1, gx1, g1, d1, k1) = results
-    assert d0 == d1 > 0 and k0 == k1 and sum(k0) + d0 == 2 * 20 * 2
+        return layer.to(dtype)
+
+    x = torch.randn(2, 20, 16, dtype=dtype, generator=torch.Generator().manual_seed(3))
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(y1, y0, **tol)
-    torch.testing.assert_close(gx1, gx0, **tol)
-    for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, **tol)
+    [(d0, k0, _)], [(d1, k1, _)] = _both_drop_forms(monkeypatch, build, x, tol)
+    assert d0 == d1 > 0 and k0 == k1 and sum(k0) + d0 == 2 * 20 * 2
 
 
 @pytest.mark.parametrize("config, extra", [
@@ -126,29 +141,18 @@ def test_computed_drops_equal_left_out_drops(monkeypatch, backend, dtype):
 def test_computed_drops_equal_left_out_drops_in_blocks(monkeypatch, config, extra):
     """As above for a SliceMoE block (whose experts' biases need the output zeroed, not only
     the weight) and a sigma-MoE block, in training mode with their dropouts, float64."""
-    import moe_dist.moe.dispatch as dispatch
     from moe_dist.config import load_config
     from moe_dist.models.transformer import LM
 
     cfg = load_config(f"configs/{config}.yaml", ["model.d_model=64", "data.seq_len=16", "model.dropout=0"] + extra)
+
+    def build():
+        torch.manual_seed(0)  # the same weights, and the same dropout draws, in both runs
+        return LM(cfg, 64).double().blocks[-1]
+
     x = torch.randn(2, 16, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    results = []
-    for computed in (False, True):
-        monkeypatch.setattr(dispatch, "computes_dropped", lambda ep_size, device, c=computed: c)
-        torch.manual_seed(0)
-        block = LM(cfg, 64).double().blocks[-1]
-        xi = x.clone().requires_grad_()
-        y, auxes = block(xi)
-        (y.square().sum() + sum(a.loss for a in auxes)).backward()
-        stats = [(a.dropped.item(), a.kept_per_expert.tolist(), None if a.skipped is None else a.skipped.item())
-                 for a in auxes]  # fmt: skip
-        results.append((y.detach(), xi.grad, [p.grad for p in block.parameters()], stats))
-    (y0, gx0, g0, s0), (y1, gx1, g1, s1) = results
+    s0, s1 = _both_drop_forms(monkeypatch, build, x, dict(rtol=1e-12, atol=1e-12))
     assert s0 == s1 and s0[0][0] > 0
-    torch.testing.assert_close(y1, y0, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(gx1, gx0, rtol=1e-12, atol=1e-12)
-    for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_eval_capacity_factor_applies_in_eval_only():
