@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import REPO, TINY
 from dist_utils import free_port, run_distributed
@@ -209,6 +210,54 @@ def _unequal_rows_worker(rank, world, kind):
 @pytest.mark.parametrize("kind", ["softmax", "slice"])
 def test_unequal_batches_across_ranks(kind):
     run_distributed(_unequal_rows_worker, 2, kind)
+
+
+class HostReads(TorchDispatchMode):
+    """Records every read of a tensor's values on the host: .item() / int() (aten's
+    _local_scalar_dense), nonzero (sized by its values) and .tolist(), which on CPU reads
+    memory without dispatching and is counted by patching it. On a GPU each is a sync."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+
+    def __enter__(self):
+        self.reads, self._tolist = [], torch.Tensor.tolist
+        torch.Tensor.tolist = lambda t: self.reads.append("tolist") or self._tolist(t)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _host_reads_worker(rank, world, kind):
+    """A capacity-factor layer at ep=2 reads the host once per forward (the all-to-all's
+    split sizes, which also say how many of the sorted assignments are kept) and never in
+    its backward; its outputs still equal one process's (the parity tests above)."""
+    ep = ExpertParallel(ParallelLayout.build(rank, world, 0, world))
+    torch.manual_seed(0)
+    # fp32 and widths of 16-byte rows: the torch backend (torch._grouped_mm) runs on CPU
+    # without reading counts on the host, as on a GPU (the loop backend reads them).
+    cfg = MoEConfig(num_experts=4, top_k=2, d_expert=8, capacity_factor=1.0, grouped_mm="torch",
+                    num_slices=2, slice_router_hidden=8)
+    layer = SliceMoEFFN(16, cfg, "relu", ep=ep) if kind == "slice" else MoEFFN(16, cfg, "swiglu", ep=ep)
+    layer.shard_experts()
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    with HostReads() as fwd:
+        y, aux = layer(x)
+    with HostReads() as bwd:
+        y.square().sum().backward()
+    assert aux.dropped.item() > 0  # the case has capacity drops
+    assert (fwd.reads, bwd.reads) == (["tolist"], [])
+
+
+@pytest.mark.parametrize("kind", ["token", "slice"])
+def test_capacity_layer_reads_the_host_once_at_ep2(kind):
+    run_distributed(_host_reads_worker, 2, kind)
 
 
 # ----------------------------------------------------------------------------- training

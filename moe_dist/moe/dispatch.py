@@ -9,21 +9,25 @@ Every routed layer (token-choice MoE, sigma-MoE, SliceMoE, SwitchHead's V and O)
   3. scale the outputs by the routing weights and scatter-add them into their rows.
 No [T, E, capacity] one-hot tensors (DeepSpeed-MoE's einsum dispatch) anywhere.
 
-Capacity drops: on CPU in eager, and at ep > 1, the dropped assignments are left out of
-the sort, so the dispatch is sized by the kept count, which the host must read (`nonzero`,
-one sync). At ep=1 on a GPU, or under torch.compile, the layer instead computes every
-assignment and gives the dropped ones no output (computes_dropped): weight 0 in the token
-MoE, a zeroed expert output in SliceMoE. No shape then depends on the data: a GPU sync
-drains the launch queue, which a small layer's host time then no longer overlaps, and
-under compile it would break the graph (and rule out a CUDA graph). This saves the sync
-only where the experts run without one: on the torch (bf16 torch._grouped_mm) and triton
-backends, not on the loop backend, which splits rows by counts read on the host. The
-expert FLOPs are then a dropless layer's: at a capacity factor above 1, fewer than the
-E x capacity padded rows that DeepSpeed-MoE, Tutel and Megatron's drop-and-pad compute for
-the same static shapes. One difference: an expert output that overflows to inf on a
-dropped row gives NaN (inf x 0), where leaving the row out gives nothing; on a kept row
-it is inf or NaN either way. On CPU the sync is free and the rows are not. At ep > 1 the
-all-to-all's split sizes sync anyway, and sending dropped rows would cost bytes.
+Capacity drops take one of three forms:
+  - left out, ep=1 on CPU in eager: the dropped assignments sort after every kept one and
+    the order is cut at the kept count, which the host reads (one sync, free on CPU, where
+    computing the dropped rows is not).
+  - sent only if kept, ep > 1: the same order, uncut; ExpertParallel.run sends only its
+    first sum(rows_per_expert) rows and reads that number with the all-to-all's split
+    sizes, which it must read anyway, so the layer makes one sync, not two.
+  - computed, ep=1 on a GPU or under torch.compile (computes_dropped): every assignment
+    is sorted in and the dropped ones get no output, weight 0 in the token MoE, a zeroed
+    expert output in SliceMoE. No shape then depends on the data: a GPU sync drains the
+    launch queue, which a small layer's host time then no longer overlaps, and under
+    compile it would break the graph (and rule out a CUDA graph). This saves the sync
+    only where the experts run without one: on the torch (bf16 torch._grouped_mm) and
+    triton backends, not on the loop backend, which splits rows by counts read on the
+    host. The expert FLOPs are then a dropless layer's: at a capacity factor above 1,
+    fewer than the E x capacity padded rows that DeepSpeed-MoE, Tutel and Megatron's
+    drop-and-pad compute for the same static shapes. One difference: an expert output
+    that overflows to inf on a dropped row gives NaN (inf x 0), where leaving the row out
+    gives nothing; on a kept row it is inf or NaN either way.
 """
 
 from __future__ import annotations
@@ -61,6 +65,13 @@ def computes_dropped(ep_size: int, device: torch.device) -> bool:
     return ep_size == 1 and (device.type != "cpu" or torch.compiler.is_compiling())
 
 
+def _kept_first(expert_P: torch.Tensor, keep_P: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order_P, kept_per_expert_E): every assignment, the kept ones stably sorted by expert
+    first (in assignment order within an expert), then the dropped ones; no host sync."""
+    key_P = expert_P.masked_fill(~keep_P, num_experts)  # dropped: one bucket past the last expert
+    return torch.sort(key_P, stable=True).indices, expert_counts(key_P, num_experts + 1)[:num_experts]
+
+
 def sort_by_expert(
     expert_P: torch.Tensor, keep_P: Optional[torch.Tensor], num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,23 +79,31 @@ def sort_by_expert(
     (rows of one expert stay in assignment order), and how many each expert got."""
     if keep_P is None:
         return torch.sort(expert_P, stable=True).indices, expert_counts(expert_P, num_experts)
+    order_P, kept_E = _kept_first(expert_P, keep_P, num_experts)
     # NOTE: device-to-host sync: the number of kept rows sizes the permuted buffer.
-    kept_P = keep_P.nonzero().squeeze(1)
-    expert_kept = expert_P[kept_P]
-    order = torch.sort(expert_kept, stable=True).indices
-    return kept_P[order], expert_counts(expert_kept, num_experts)
+    return order_P[: int(kept_E.sum())], kept_E
 
 
 def dispatch_order(
     expert_P: torch.Tensor, keep_P: Optional[torch.Tensor], num_experts: int, ep_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """(assignment_N, rows_per_expert_E, dropped_N, kept_per_expert_E): sort_by_expert under
-    the module docstring's rule for capacity drops. dropped_N is None when the dropped
-    assignments were left out; under computes_dropped they are sorted in with the kept
-    ones, and dropped_N marks the rows whose outputs the caller must zero."""
-    if keep_P is None or not computes_dropped(ep_size, expert_P.device):
-        assignment_N, rows_E = sort_by_expert(expert_P, keep_P, num_experts)
+    """(assignment_N, rows_per_expert_E, dropped_N, kept_per_expert_E): the assignments
+    sorted by expert under the module docstring's rule for capacity drops.
+      - left out (ep=1, CPU eager): sort_by_expert; dropped_N is None.
+      - ep > 1: assignment_N lists every assignment, the kept ones first; only the first
+        rows_per_expert_E.sum() are run (ExpertParallel.run), so the caller keeps the
+        prefix as long as run's output. dropped_N is None.
+      - computed (computes_dropped): every assignment, sorted by expert; dropped_N marks
+        the rows whose outputs the caller must zero."""
+    if keep_P is None:
+        assignment_N, rows_E = sort_by_expert(expert_P, None, num_experts)
         return assignment_N, rows_E, None, rows_E
+    if ep_size > 1:
+        order_P, kept_E = _kept_first(expert_P, keep_P, num_experts)
+        return order_P, kept_E, None, kept_E
+    if not computes_dropped(ep_size, expert_P.device):
+        assignment_N, kept_E = sort_by_expert(expert_P, keep_P, num_experts)
+        return assignment_N, kept_E, None, kept_E
     assignment_N, rows_E = sort_by_expert(expert_P, None, num_experts)
     kept_E = _scatter_counts(expert_P, num_experts, keep_P)  # no sync
     return assignment_N, rows_E, ~keep_P.index_select(0, assignment_N), kept_E

@@ -97,10 +97,10 @@ class MoEFFN(nn.Module):
         assignment_N, tokens_per_expert_E, dropped_N, kept_E = dispatch_order(
             expert_TK.reshape(-1), keep_P, self.num_experts, self.ep.size
         )
-        w_N = weight_TK.reshape(-1).index_select(0, assignment_N)
-        if dropped_N is not None:  # computed (GPU, compile: moe/dispatch.py): weight 0, no gradient
-            w_N = w_N.masked_fill(dropped_N, 0)
         if self.ep.size == 1:  # all experts here: steps 1-3 in one op, no [N, D] copies
+            w_N = weight_TK.reshape(-1).index_select(0, assignment_N)
+            if dropped_N is not None:  # computed (GPU, compile: moe/dispatch.py): weight 0, no gradient
+                w_N = w_N.masked_fill(dropped_N, 0)
             y_TD = self.experts.dispatch_and_combine(x_TD, tokens_per_expert_E, assignment_N, self.top_k, w_N)
             aux.sent_bytes = []
             timer.lap("compute")
@@ -108,6 +108,9 @@ class MoEFFN(nn.Module):
             token_N = torch.div(assignment_N, self.top_k, rounding_mode="floor")
             # Dispatch in the compute dtype (bf16 under autocast): half the all-to-all bytes.
             y_ND, aux.sent_bytes = self.ep.run(autocast_input(x_TD), token_N, tokens_per_expert_E, self.experts, timer)
+            # run() computed the kept prefix of the assignments (the dropped ones sort last).
+            assignment_N, token_N = assignment_N[: y_ND.shape[0]], token_N[: y_ND.shape[0]]
+            w_N = weight_TK.reshape(-1).index_select(0, assignment_N)
             y_TD = y_ND.new_zeros(B * S, D).index_add(0, token_N, y_ND * w_N.to(y_ND.dtype).unsqueeze(1))
             timer.lap("combine")
         aux.kept_per_expert, aux.timer = kept_E, timer

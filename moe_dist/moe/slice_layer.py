@@ -131,9 +131,11 @@ class SliceMoEFFN(nn.Module):
         w_N = weight_PK.reshape(-1)[assignment_N]
         # The weight scales the expert INPUT: gather and scale here (the dispatch buffer).
         # Dispatch in the compute dtype. index_select, not x[pair_N]: deterministic
-        # gradients (see ops/__init__.py).
+        # gradients (see ops/__init__.py). At ep > 1 this copies the dropped assignments
+        # too (sorted last, not sent): a copy, where leaving them out would take a second sync.
         x_ND = autocast_input(x_PDs.index_select(0, pair_N) * w_N.to(x_PDs.dtype).unsqueeze(1))
         y_ND, aux.sent_bytes = self.ep.run(x_ND, None, tokens_per_expert_E, self.experts, timer)
+        pair_N = pair_N[: y_ND.shape[0]]  # at ep > 1 only the kept prefix ran (moe/dispatch.py)
         if dropped_N is not None:  # computed (GPU, compile: moe/dispatch.py). Zero the
             # output, not only the weight: the experts' biases map a zero input to nonzero.
             y_ND = y_ND.masked_fill(dropped_N.unsqueeze(1), 0)

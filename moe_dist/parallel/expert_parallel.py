@@ -7,17 +7,19 @@ A routed layer does its routing locally, then calls
     y_N = ep.run(rows_MD, src_N, tokens_per_expert_E, experts)
 with its assignments already sorted by global expert id (src_N: the row each one reads).
 ep=1: the experts run on rows_MD[src_N] directly. ep=P:
-    1. gather the rows (one copy, already grouped by expert, so by owner rank),
-    2. exchange per-expert counts (all_to_all of E ints)     <- the one host sync
+    1. exchange per-expert counts (all_to_all of E ints), read the split sizes
+                                                             <- the one host sync
+    2. gather the rows (one copy, already grouped by expert, so by owner rank),
     3. all_to_all_single the rows with variable split sizes (no padding, autograd),
     4. order the received rows by local expert (they arrive grouped by source rank),
     5. run the local experts in that order (one grouped matmul per projection), outputs
        back in received order,
     6. all_to_all back, and the caller combines with its routing weights.
-Step 2's sync is the only one in run(). With a capacity factor the layer syncs once before
-it (moe/dispatch.py sort_by_expert counts the kept rows); at ep=1 on a GPU or under
-torch.compile the dropped rows are computed instead (moe/dispatch.py). Dropless routing
-does not sync.
+Step 1's sync is the only one in run(), and at ep > 1 the only one in a routed layer's
+forward: with a capacity factor, the layer hands run() its kept assignments followed by
+the dropped ones, and run() sends only as many rows as the counts say, a number it reads
+with the split sizes (moe/dispatch.py). At ep=1, dropless routing does not sync, and a
+capacity factor syncs once on CPU in eager, never on a GPU (moe/dispatch.py).
 Capacity is decided over the whole ep group (capacity_mask), and balancing statistics are
 summed over the whole world (sum_stats), so every loss equals its one-process value on
 the same global batch.
@@ -182,12 +184,15 @@ class ExpertParallel:
     ) -> tuple[torch.Tensor, list[int]]:
         """Expert outputs for the sorted assignments, [N, D_out], and the bytes this rank sent
         to each ep rank (dispatch + combine; the entry of this rank is its local copy).
-        src_N=None: rows_MD is already the sorted assignment rows. experts(x, counts[, order]):
+        src_N=None: rows_MD is already the sorted assignment rows. At ep > 1 src_N (or
+        rows_MD) may list more rows than tokens_per_expert_E sums to: the rest (capacity
+        drops, sorted last) are not sent, and the output has only the counted rows, so the
+        caller keeps that prefix of its assignments. experts(x, counts[, order]):
         the local experts on rows sorted by expert, or read through `order` (see
         GroupedExperts.forward). `timer` gets the dispatch, all_to_all and compute laps."""
-        # index_select, not rows_MD[src_N]: deterministic gradients (see ops/__init__.py).
-        x_ND = rows_MD if src_N is None else rows_MD.index_select(0, src_N)
         if self.size == 1:
+            # index_select, not rows_MD[src_N]: deterministic gradients (see ops/__init__.py).
+            x_ND = rows_MD if src_N is None else rows_MD.index_select(0, src_N)
             timer.lap("dispatch")
             y_ND = experts(x_ND, tokens_per_expert_E)
             timer.lap("compute")
@@ -197,20 +202,25 @@ class ExpertParallel:
         P, E = self.size, tokens_per_expert_E.numel()
         lo, hi = self.local_range(E)
         E_loc = hi - lo
+        device = rows_MD.device
         sizes = [b - a for a, b in zip(expert_placement(E, P), expert_placement(E, P)[1:])]
-        # 2. counts exchange: rank j receives, from every source, the counts of j's experts.
-        recv_counts = torch.empty(P * E_loc, dtype=tokens_per_expert_E.dtype, device=x_ND.device)
+        # 1. counts exchange: rank j receives, from every source, the counts of j's experts.
+        recv_counts = torch.empty(P * E_loc, dtype=tokens_per_expert_E.dtype, device=device)
         dist.all_to_all_single(
             recv_counts, tokens_per_expert_E.contiguous(), [E_loc] * P, sizes, group=self.group
         )
-        owner_E = self._owner(E, x_ND.device)
-        send_rows_P = torch.zeros(P, dtype=tokens_per_expert_E.dtype, device=x_ND.device).index_add(
+        owner_E = self._owner(E, device)
+        send_rows_P = torch.zeros(P, dtype=tokens_per_expert_E.dtype, device=device).index_add(
             0, owner_E, tokens_per_expert_E
         )
         recv_counts_PE = recv_counts.view(P, E_loc)
         # NOTE: device-to-host sync: all_to_all split sizes must be Python ints.
         splits = torch.cat([send_rows_P, recv_counts_PE.sum(1)]).tolist()
         send_splits, recv_splits = splits[:P], splits[P:]
+        # 2. the rows sent: the first sum(send_splits) of the sorted ones (the rest are
+        # capacity drops). index_select, not rows_MD[src_N]: deterministic gradients.
+        n_send = sum(send_splits)
+        x_ND = rows_MD[:n_send] if src_N is None else rows_MD.index_select(0, src_N[:n_send])
         x_ND = x_ND.contiguous()
         timer.lap("dispatch")
         # 3. the payload, with autograd.
@@ -218,7 +228,7 @@ class ExpertParallel:
         timer.lap("all_to_all")
         # 4. regroup by local expert: rows arrive as [source 0: e0, e1, ...][source 1: ...].
         label_R = torch.repeat_interleave(
-            torch.arange(E_loc, device=x_ND.device).repeat(P), recv_counts, output_size=x_RD.shape[0]
+            torch.arange(E_loc, device=device).repeat(P), recv_counts, output_size=x_RD.shape[0]
         )
         order_R = torch.sort(label_R, stable=True).indices
         timer.lap("dispatch")
