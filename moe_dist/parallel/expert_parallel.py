@@ -15,11 +15,12 @@ ep=1: the experts run on rows_MD[src_N] directly. ep=P:
     5. run the local experts in that order (one grouped matmul per projection), outputs
        back in received order,
     6. all_to_all back, and the caller combines with its routing weights.
-Step 1's sync is the only one in run(), and at ep > 1 the only one in a routed layer's
-forward: with a capacity factor, the layer hands run() its kept assignments followed by
-the dropped ones, and run() sends only as many rows as the counts say, a number it reads
-with the split sizes (moe/dispatch.py). At ep=1, dropless routing does not sync, and a
-capacity factor syncs once on CPU in eager, never on a GPU (moe/dispatch.py).
+Step 1's sync is the only one in run(). With the experts on the torch or triton backend
+(the CPU loop backend reads its counts), it is also the only one in a routed layer's
+forward at ep > 1: with a capacity factor, the layer hands run() its kept assignments
+followed by the dropped ones, and run() sends only as many rows as the counts say, a
+number it reads with the split sizes (moe/dispatch.py). At ep=1, dropless routing does not
+sync, and a capacity factor syncs once on CPU in eager, never on a GPU (moe/dispatch.py).
 Capacity is decided over the whole ep group (capacity_mask), and balancing statistics are
 summed over the whole world (sum_stats), so every loss equals its one-process value on
 the same global batch.
