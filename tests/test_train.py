@@ -216,12 +216,18 @@ def test_resume_refuses_other_model_and_corrupt_checkpoint(tmp_path, capsys):
     state.write_bytes(bytes(data))
     assert main(base + ["train.resume=auto", "train.max_steps=6"]) == 2
     assert f"error: corrupt checkpoint file {state}: sha256 differs from meta.json" in capsys.readouterr().err
-    # Only when allowed: fall back to step 2, say so, and train on from there.
-    assert main(base + ["train.resume=auto", "train.max_steps=6", "checkpoint.fallback=true"]) == 0
+    # Only when allowed: fall back to step 2, say so, and train on from there. The damaged
+    # step 4 is set aside, so keep_last=2 keeps step 2 beside the new step 5 (counting the
+    # damaged one, it deleted step 2 and kept step 4).
+    assert main(base + ["train.resume=auto", "train.max_steps=5", "checkpoint.fallback=true",
+                        "checkpoint.every=0", "checkpoint.keep_last=2"]) == 0
     out = capsys.readouterr().out
     assert (f"warning: rank 0: corrupt checkpoint file {state}: sha256 differs from meta.json; "
             "checkpoint.fallback=true: trying the checkpoint before it") in out
     assert "resumed from" in out and "step_00000002 (step 2)" in out
+    ckpts = run / "checkpoints"
+    assert f"moved the damaged {ckpts / 'step_00000004'} aside to {ckpts / 'step_00000004.damaged'}" in out
+    assert sorted(os.listdir(ckpts)) == ["step_00000002", "step_00000004.damaged", "step_00000005"]
 
 
 def test_an_edited_corpus_is_prepared_anew_and_refused_on_resume(tmp_path, capsys):

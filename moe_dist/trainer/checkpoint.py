@@ -190,6 +190,17 @@ def recover_interrupted_resave(ckpt_root: str) -> list[str]:
     return restored
 
 
+def set_aside(path: str) -> str:
+    """Rename a damaged checkpoint directory to <name>.damaged (or .damaged-N when taken),
+    which list_checkpoints does not match: kept for inspection, never resumed or counted."""
+    aside, n = f"{path}.damaged", 1
+    while os.path.exists(aside):
+        aside, n = f"{path}.damaged-{n}", n + 1
+    os.rename(path, aside)
+    _fsync_dir(os.path.dirname(path))
+    return aside
+
+
 def list_checkpoints(ckpt_root: str) -> list[int]:
     """Steps of the checkpoint directories (complete or not) in ascending order."""
     if not os.path.isdir(ckpt_root):

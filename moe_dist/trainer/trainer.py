@@ -346,7 +346,9 @@ class Trainer:
         """(path, meta, this rank's state, config yaml) of the checkpoint to resume, or Nones.
         A damaged checkpoint is an error naming the file; with train.resume=auto and
         checkpoint.fallback=true, the newest complete one before it is used instead, with a
-        warning. Every rank checks its own files and all take the same decision."""
+        warning, and the damaged ones are renamed out of the checkpoint list: neither a later
+        resume nor keep_last's pruning (which would delete the good one) counts them. Every
+        rank checks its own files and all take the same decision."""
         resume, L = self.cfg.train.resume, self.layout
         if resume == "none":
             return None, None, None, None
@@ -370,6 +372,9 @@ class Trainer:
                 dist.all_gather_object(errors, error)
             first = next((f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None), None)
             if first is None:
+                if self.is_main:
+                    for damaged in paths[:i]:
+                        self.log(f"moved the damaged {damaged} aside to {ckpt.set_aside(damaged)}")
                 return (path, *loaded)
             if not fallback or i == len(paths) - 1:
                 raise CheckpointError(error or first)
