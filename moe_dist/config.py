@@ -25,7 +25,7 @@ from moe_dist.errors import ConfigError
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/quickstart"
+    dir: str = "runs/default"
     """Run directory: config.yaml, metrics.jsonl, tb/ and checkpoints/ are written here."""
     seed: int = 0
     """Seed of parameter init, data order and dropout."""

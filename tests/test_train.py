@@ -203,6 +203,10 @@ def test_resume_refuses_other_model_and_corrupt_checkpoint(tmp_path, capsys):
     base = TINY + [f"run.dir={run}", "train.max_steps=4", "train.eval_every=0", "checkpoint.every=2"]
     assert main(base) == 0
     capsys.readouterr()
+    # A fresh run (train.resume=none) into the same run.dir would write over this one.
+    assert main(base) == 2
+    assert (f"error: run.dir={run} already holds a run (checkpoints of steps 2-4), which train.resume=none "
+            "would write over: set train.resume=auto") in capsys.readouterr().err
     assert main(base + ["train.resume=auto", "model.d_model=64", "train.max_steps=6"]) == 2
     err = capsys.readouterr().err
     assert "was written by a different config (these keys must match to resume): model.d_model: checkpoint 32, config 64" in err
@@ -228,6 +232,10 @@ def test_resume_refuses_other_model_and_corrupt_checkpoint(tmp_path, capsys):
     ckpts = run / "checkpoints"
     assert f"moved the damaged {ckpts / 'step_00000004'} aside to {ckpts / 'step_00000004.damaged'}" in out
     assert sorted(os.listdir(ckpts)) == ["step_00000002", "step_00000004.damaged", "step_00000005"]
+    # Resuming a finished run says so and trains nothing.
+    assert main(base + ["train.resume=auto", "train.max_steps=5"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to train: the run is at step 5 and train.max_steps=5" in out and "done: step 5" in out
 
 
 def test_an_edited_corpus_is_prepared_anew_and_refused_on_resume(tmp_path, capsys):

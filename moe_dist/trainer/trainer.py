@@ -188,6 +188,7 @@ class Trainer:
         self.run_dir = os.path.abspath(os.path.expanduser(cfg.run.dir))
         _check_run_dir(self.run_dir)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        self._refuse_to_overwrite()
         use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.ds_config = None
@@ -341,6 +342,30 @@ class Trainer:
         return ensure_prepared(self.cfg.data, log=self.log)
 
     # -- setup -------------------------------------------------------------------------
+
+    def _refuse_to_overwrite(self) -> None:
+        """train.resume=none in a run.dir that holds checkpoints would write its own among
+        them, and a later train.resume=auto would resume whichever is newest, of either
+        run: refused. Without checkpoints, a fresh start only starts the logs over. The
+        ranks decide together."""
+        found = None
+        if self.cfg.train.resume == "none":
+            steps = ckpt.list_checkpoints(self.ckpt_dir)
+            if len(steps) > 1:
+                found = f"checkpoints of steps {steps[0]}-{steps[-1]}"
+            elif steps:
+                found = f"a checkpoint of step {steps[0]}"
+        if self.layout.distributed:
+            import torch.distributed as dist
+
+            every = [None] * self.layout.world_size
+            dist.all_gather_object(every, found)
+            found = next((f for f in every if f is not None), None)
+        if found is not None:
+            raise LaunchError(
+                f"run.dir={self.cfg.run.dir} already holds a run ({found}), which train.resume=none would "
+                f"write over: set train.resume=auto to continue it, or use another run.dir, or delete {self.run_dir}"
+            )
 
     def _open_resume(self) -> tuple[Optional[str], Any, Any, Any]:
         """(path, meta, this rank's state, config yaml) of the checkpoint to resume, or Nones.
@@ -565,6 +590,8 @@ class Trainer:
 
             progress = tqdm(total=c.train.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
         log = progress.write if progress is not None else self.log
+        if self.step >= c.train.max_steps:
+            log(f"nothing to train: the run is at step {self.step} and train.max_steps={c.train.max_steps}")
         data = iter(self.train_loader)
         while self.step < c.train.max_steps:
             t0 = time.perf_counter()
