@@ -183,6 +183,26 @@ def test_explicit_data_dir_must_exist(tmp_path, capsys):
     assert f"error: data.dir={tmp_path}/nodata: no manifest.json there" in capsys.readouterr().err
 
 
+def test_explicit_data_dir_must_match_the_tokenizer_and_hold_seq_len(tmp_path, capsys):
+    """A prepared data.dir decides the tokenizer and the longest seq_len; a run that says
+    otherwise is refused by key, not trained under a config.yaml that misstates its data
+    (nor refused as having 0 validation sequences). A shorter seq_len is allowed: each
+    sample then holds several windows."""
+    from moe_dist.data.cache import ensure_prepared
+
+    d, manifest = ensure_prepared(load_config(None, TINY).data)  # bpe, seq_len 32
+    where = f"data.dir={d} ({d}/manifest.json)"
+    args = TINY + [f"run.dir={tmp_path}/run", f"data.dir={d}", "train.max_steps=1", "train.eval_every=0"]
+    assert main(args + ["data.tokenizer=bytes"]) == 2
+    assert (f"error: data.tokenizer=bytes, but {where} was prepared with the bpe tokenizer: "
+            "set data.tokenizer=bpe") in capsys.readouterr().err
+    assert main(args + ["data.seq_len=64"]) == 2
+    assert (f"error: data.seq_len=64 is longer than the samples of {where}, prepared at seq_len 32: "
+            "lower data.seq_len, or prepare the data again with --seq-len 64") in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+    assert main(args + ["data.seq_len=16"]) == 0
+
+
 def test_corrupt_val_shard_stops_training_before_any_step(tmp_path, capsys):
     """Both splits are hashed before the model is built (the eval loader reads without
     checking); data.verify_shards=false skips the hashes, not the size checks."""

@@ -71,4 +71,24 @@ def ensure_prepared(cfg: DataConfig, log=print) -> tuple[str, dict]:
             log(f"preparing data.source={cfg.source} ({cfg.tokenizer}) into {data_dir} ...")
             prepare(cfg, data_dir)
     manifest = read_manifest(data_dir)
+    if cfg.dir is not None:
+        _check_matches(cfg, data_dir, manifest)
     return data_dir, manifest
+
+
+def _check_matches(cfg: DataConfig, data_dir: str, manifest: dict) -> None:
+    """An explicit data.dir was prepared with its own settings: the run's must agree where
+    they decide what the model reads, or config.yaml (and every checkpoint) would record a
+    tokenizer the model never saw, or seq_len would find no whole window in a sample."""
+    where = f"data.dir={cfg.dir} ({os.path.join(data_dir, MANIFEST)})"
+    if manifest.get("tokenizer") != cfg.tokenizer:
+        raise DataError(
+            f"data.tokenizer={cfg.tokenizer}, but {where} was prepared with the {manifest.get('tokenizer')} "
+            f"tokenizer: set data.tokenizer={manifest.get('tokenizer')}"
+        )
+    prepared = manifest["sample_len"] - 1
+    if cfg.seq_len > prepared:
+        raise DataError(
+            f"data.seq_len={cfg.seq_len} is longer than the samples of {where}, prepared at seq_len "
+            f"{prepared}: lower data.seq_len, or prepare the data again with --seq-len {cfg.seq_len}"
+        )
