@@ -223,6 +223,12 @@ def test_resume_refuses_other_model_and_corrupt_checkpoint(tmp_path, capsys):
     base = TINY + [f"run.dir={run}", "train.max_steps=4", "train.eval_every=0", "checkpoint.every=2"]
     assert main(base) == 0
     capsys.readouterr()
+    # A run directory where a checkpoint belongs, or no directory at all, is named as such.
+    assert main(base + [f"train.resume={run}"]) == 2
+    assert (f"error: {run} is a run directory, not a checkpoint: give one of its step directories (the newest "
+            f"is {run}/checkpoints/step_00000004)") in capsys.readouterr().err
+    assert main(base + [f"train.resume={tmp_path}/nowhere"]) == 2
+    assert f"error: checkpoint directory not found: {tmp_path}/nowhere" in capsys.readouterr().err
     # A fresh run (train.resume=none) into the same run.dir would write over this one.
     assert main(base) == 2
     assert (f"error: run.dir={run} already holds a run (checkpoints of steps 2-4), which train.resume=none "

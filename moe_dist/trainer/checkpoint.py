@@ -209,11 +209,27 @@ def list_checkpoints(ckpt_root: str) -> list[int]:
     return sorted(steps)
 
 
+def _refuse_a_parent(path: str) -> None:
+    """A run directory or its checkpoints/ given where one step_NNNNNNNN directory belongs:
+    say so, rather than call it an incomplete checkpoint."""
+    for root, what in ((os.path.join(path, "checkpoints"), "a run directory"), (path, "a checkpoints directory")):
+        steps = list_checkpoints(root)
+        if steps:
+            newest = os.path.join(root, step_dir_name(steps[-1]))
+            raise CheckpointError(
+                f"{path} is {what}, not a checkpoint: give one of its step directories (the newest is {newest}), "
+                "or resume the run's newest with train.resume=auto and its run.dir"
+            )
+
+
 def verify_checkpoint(path: str, files: Optional[list[str]] = None) -> dict:
     """Return meta.json of a complete checkpoint, or raise CheckpointError naming the file.
     Checks the size of every listed file and the sha256 of `files` (default: all)."""
     meta_path = os.path.join(path, META)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory not found: {path}")
     if not os.path.isfile(meta_path):
+        _refuse_a_parent(path)
         raise CheckpointError(f"incomplete checkpoint {path}: {META} is missing")
     try:
         with open(meta_path) as f:
@@ -281,8 +297,6 @@ def load_checkpoint(path: str, rank: int = 0, world_size: int = 1, ep: int = 1) 
     Format 2: this rank's state file; the layout must match.
     Format 3: this rank's extras (rank 0's when the world size changed); the model and
     optimizer are read from the DCP files by trainer/sharded_state.py."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint directory not found: {path}")
     meta = verify_checkpoint(path, files=[CONFIG])
     if meta["format"] == 2:
         own = state_file(rank)
