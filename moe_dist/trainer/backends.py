@@ -18,6 +18,7 @@ and the same AdamW hyper-parameters to a DeepSpeed engine.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from typing import Any
 
@@ -88,12 +89,14 @@ class TorchBackend:
 
             experts = [n for n, p in model.named_parameters() if is_expert_param(p)]
             DDP._set_params_and_buffers_to_ignore_for_model(model, experts)
-            # broadcast_buffers=False: the buffers (routing biases, RoPE tables) are equal on
-            # every rank by construction, and a broadcast per forward would be wasted.
+            # No buffer broadcast per forward: the buffers (routing biases, RoPE tables) are
+            # equal on every rank by construction. torch 2.13 renamed the flag (and warns at
+            # the old name); the GPU machines' torch 2.11 knows only the old one.
+            no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
             self.module = DDP(
                 model,
                 device_ids=[device.index] if device.type == "cuda" else None,
-                broadcast_buffers=False,
+                **{no_sync: False},
             )
         self.optimizer = build_adamw(param_groups(model.named_parameters(), cfg.optim.weight_decay), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
