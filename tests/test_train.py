@@ -315,6 +315,21 @@ def test_keys_newer_than_a_checkpoint_count_as_their_defaults():
     assert _config_diff(old, new) == ["moe.entropy_scope: checkpoint 'batch', config 'sequence'"]
 
 
+def test_with_a_data_dir_the_manifest_not_the_recorded_tokenizer_must_match():
+    """data.dir's manifest decides the tokenizer (checked against data.tokenizer at start,
+    and the checkpoint pins the manifest's sha256): a checkpoint that recorded another
+    tokenizer name, as runs could before that check, still resumes. Without data.dir the
+    tokenizer decides the stream and must match."""
+    from moe_dist.config import Config
+    from moe_dist.trainer.trainer import _config_diff
+
+    old, new = Config().to_dict(), Config().to_dict()
+    old["data"]["tokenizer"], new["data"]["tokenizer"] = "bpe", "bytes"
+    assert _config_diff(old, new) == ["data.tokenizer: checkpoint 'bpe', config 'bytes'"]
+    old["data"]["dir"] = new["data"]["dir"] = "data/mine"
+    assert _config_diff(old, new) == []
+
+
 def test_checkpoint_metadata_is_validated(tmp_path):
     """meta.json must list every file a load reads and agree with the directory's step."""
     import shutil

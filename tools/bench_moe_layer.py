@@ -18,7 +18,8 @@ For top-1 and top-2 at capacity factor 1.25, on the same input, in one process g
   ours-synced with --synced: ours (auto) as before commit 0c948e1, with torch.bincount
             counts and capacity drops left out of the dispatch: on CUDA, 2 device-to-host
             syncs per count and one for the kept rows (7 per forward at a capacity
-            factor). The same computation as ours on CPU.
+            factor). The same computation as ours on CPU. At ep > 1 only the counts
+            change: since commit 421a25a the kept rows are counted with the split sizes.
 --capacity-factor 0 is dropless: ours without a capacity, DeepSpeed with drop_tokens=False.
 syncs: on CUDA, the device-to-host syncs of one forward+backward (sync debug mode).
 Each is timed forward+backward, interleaved round-robin (each round starting one layer
@@ -85,7 +86,9 @@ def synced_counts_and_drops():
     """Run the routed layers as they were before commit 0c948e1, which took their host syncs
     out: torch.bincount for every expert count, capacity drops left out of the dispatch.
     For a side-by-side measurement of what that gained; a benchmark's patch, not an option
-    of the library. Every moe_dist module's `expert_counts` name is rebound, then restored."""
+    of the library. Every moe_dist module's `expert_counts` name is rebound, then restored.
+    At ep > 1, dispatch_order no longer asks computes_dropped (the kept rows are counted
+    with the split sizes since commit 421a25a): there only the counts are as before."""
     import moe_dist.moe.dispatch as dispatch
 
     counts, computes_dropped = dispatch.expert_counts, dispatch.computes_dropped

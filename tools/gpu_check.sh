@@ -73,7 +73,9 @@ layer)
   # is small next to the GEMMs here, which is where the 1.3x-of-dense target can hold.
   run layer_mixtral python3 tools/bench_moe_layer.py --tokens 16384 --d-model 4096 --d-expert 14336 \
     --experts 8 --iters 5 --backends auto
-  # The quickstart on one GPU (bf16 autocast): auto's backend, then the Triton kernels.
+  # The quickstart on one GPU (bf16 autocast): auto's backend, then the Triton kernels. Fresh
+  # run dirs: train.resume=none refuses one that holds checkpoints (a warm machine's last run).
+  rm -rf /tmp/gpu_quickstart /tmp/gpu_qs_triton
   run train_gpu python3 -m moe_dist.train --config configs/quickstart.yaml run.dir=/tmp/gpu_quickstart \
     train.resume=none
   run train_triton python3 -m moe_dist.train --config configs/quickstart.yaml run.dir=/tmp/gpu_qs_triton \
@@ -93,6 +95,7 @@ compile)
   # The quickstart as configured (capacity factor 1.25), 100 steps: tokens/s eager, then
   # with every block compiled (its 4 blocks share one training graph and one evaluation graph).
   for c in false true; do
+    rm -rf "/tmp/gpu_compile_$c"
     run "train_compile_$c" timeout 95 python3 -m moe_dist.train --config configs/quickstart.yaml \
       run.dir=/tmp/gpu_compile_$c train.resume=none train.max_steps=100 checkpoint.every=0 train.compile=$c
   done

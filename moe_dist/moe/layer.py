@@ -91,7 +91,7 @@ class MoEFFN(nn.Module):
         timer = self.ep.timer(x_TD.device)
         expert_TK, weight_TK, keep_TK, aux = self.route(x_route_TD, S)
         timer.lap("route")
-        # 1. sort kept assignments by expert  2. expert FFNs (across ranks under ep)
+        # 1. sort assignments by expert (moe/dispatch.py: capacity drops)  2. expert FFNs (across ranks under ep)
         # 3. scale by routing weight and scatter-add into the tokens
         keep_P = None if aux.capacity is None else keep_TK.reshape(-1)  # dropless: no mask, no sync
         assignment_N, tokens_per_expert_E, dropped_N, kept_E = dispatch_order(

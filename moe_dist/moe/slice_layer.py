@@ -119,7 +119,7 @@ class SliceMoEFFN(nn.Module):
         aux.balance_bias = self.balance.live_bias
         self.balance.observe(expert_PK)
         timer.lap("route")
-        # 1. sort kept (token, slice) assignments by expert  2. scale each slice by its
+        # 1. sort (token, slice) assignments by expert (moe/dispatch.py)  2. scale each slice by its
         # weight  3. expert FFNs  4. scatter-add back into the slice's row, slices in order
         # Nothing dropped (dropless, no slice dropout): no mask, so no host sync.
         all_kept = aux.capacity is None and slice_drop_PK is None

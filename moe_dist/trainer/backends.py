@@ -91,7 +91,9 @@ class TorchBackend:
             DDP._set_params_and_buffers_to_ignore_for_model(model, experts)
             # No buffer broadcast per forward: the buffers (routing biases, RoPE tables) are
             # equal on every rank by construction. torch 2.13 renamed the flag (and warns at
-            # the old name); the GPU machines' torch 2.11 knows only the old one.
+            # the old name); the GPU machines' torch 2.11 knows only the old one. The new flag
+            # still broadcasts the buffers once, here: harmless, they are equal, and a
+            # checkpoint loads after this.
             no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
             self.module = DDP(
                 model,

@@ -19,7 +19,7 @@ written at ep=4 on 4 ranks loads at ep=2 on 2 ranks or on one process, optimizer
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -66,25 +66,21 @@ def _entries(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
     return model_sd, optim_sd, flat
 
 
-@contextmanager
-def _one_process_quiet():
-    """DCP warns at every save and load in one process that it assumes a single process is
-    meant. It is: one-process runs write the format many ranks do. Filtered by message."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
+# DCP warns at every save and load in one process that it assumes a single process is
+# meant. It is: one-process runs write the format many ranks do. Filtered by its message
+# for the whole process, because an async save warns from DCP's own writer thread.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def _write(flat: dict[str, Any], path: str, async_group):
     """dcp.save, or with async_group (a process group, or True in one process) dcp.async_save:
     the tensors are copied to CPU memory now and written by a background thread; returns its
     future. The async group is separate so its collectives never interleave with training's."""
-    with _one_process_quiet():
-        if async_group is None:
-            dcp.save(flat, checkpoint_id=path)
-            return None
-        pg = async_group if async_group is not True else None
-        return dcp.async_save(flat, checkpoint_id=path, process_group=pg)
+    if async_group is None:
+        dcp.save(flat, checkpoint_id=path)
+        return None
+    pg = async_group if async_group is not True else None
+    return dcp.async_save(flat, checkpoint_id=path, process_group=pg)
 
 
 def save(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, async_group=None):
@@ -97,8 +93,7 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     """Collective: load the entries this rank needs under its current layout. A key missing
     from the checkpoint (another model) is an error from DCP, never a partial load."""
     model_sd, optim_sd, flat = _entries(model, optimizer)
-    with _one_process_quiet():
-        dcp.load(flat, checkpoint_id=path)
+    dcp.load(flat, checkpoint_id=path)
     stacks = _stack_offsets(model)
     for name, state in optim_sd["state"].items():
         if name in stacks and "step" in state and state["step"].ndim == 0:
@@ -199,8 +194,7 @@ def load_deepspeed(path: str, model: torch.nn.Module, optimizer, experts, stage3
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     flat = _ds_entries(model, optimizer, experts, stage3, full=False)
-    with _one_process_quiet():
-        dcp.load(flat, checkpoint_id=path)  # the experts' entries are views: filled in place
+    dcp.load(flat, checkpoint_id=path)  # the experts' entries are views: filled in place
     stacks = _stack_offsets(model)
     step, values = None, {}
     with torch.no_grad():

@@ -111,6 +111,11 @@ def _config_diff(old: dict, new: dict) -> list[str]:
     diffs = []
     keys = [f"{section}.{key}" for section in _MUST_MATCH for key in new.get(section, {})]
     for full in sorted(set(keys) - _MAY_DIFFER) + list(_MUST_MATCH_KEYS):
+        if full == "data.tokenizer" and new["data"].get("dir") is not None:
+            # An explicit data.dir's manifest names its tokenizer, which the run must name too
+            # (data/cache.py), and the checkpoint's data sha256 pins that manifest. A run
+            # started before that check may have recorded another name: it still resumes.
+            continue
         section, key = full.split(".")
         a, b = old.get(section, {}).get(key, defaults[section][key]), new[section][key]
         if a != b:
@@ -397,9 +402,13 @@ class Trainer:
                 dist.all_gather_object(errors, error)
             first = next((f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None), None)
             if first is None:
-                if self.is_main:
+                if self.is_main:  # the others go on to collectives: a failed rename only warns
                     for damaged in paths[:i]:
-                        self.log(f"moved the damaged {damaged} aside to {ckpt.set_aside(damaged)}")
+                        try:
+                            self.log(f"moved the damaged {damaged} aside to {ckpt.set_aside(damaged)}")
+                        except OSError as e:
+                            self.log(f"warning: could not move the damaged {damaged} aside ({e.strerror or e}): "
+                                     "checkpoint.keep_last still counts it")
                 return (path, *loaded)
             if not fallback or i == len(paths) - 1:
                 raise CheckpointError(error or first)
