@@ -68,6 +68,15 @@ class ParallelLayout:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    def gather_object(self, obj: Any, group: Any = None) -> list:
+        """Every rank's obj (picklable), in rank order; [obj] in one process. For decisions
+        all ranks must take together (an error on any rank stops every rank)."""
+        if not self.distributed:
+            return [obj]
+        every: list = [None] * self.world_size
+        dist.all_gather_object(every, obj, group=group)
+        return every
+
     @classmethod
     def single(cls) -> "ParallelLayout":
         return cls(rank=0, world_size=1, local_rank=0, ep=1)

@@ -172,12 +172,7 @@ def verify_shards(data_dir: str, manifest: dict, layout: ParallelLayout) -> None
     (on the wait group: hashing time grows with the corpus), so all stop with one error."""
     errors = [e for split in manifest["splits"] for e in shard_hash_errors(data_dir, manifest, split, layout.rank,
                                                                             layout.world_size)]
-    if layout.distributed:
-        import torch.distributed as dist
-
-        gathered: list = [None] * layout.world_size
-        dist.all_gather_object(gathered, errors, group=layout.wait_group)
-        errors = [e for part in gathered for e in part]
+    errors = [e for part in layout.gather_object(errors, group=layout.wait_group) for e in part]
     if errors:
         raise DataError(errors[0] + (f" (and {len(errors) - 1} more corrupt shard(s))" if len(errors) > 1 else ""))
 
@@ -360,12 +355,7 @@ class Trainer:
                 found = f"checkpoints of steps {steps[0]}-{steps[-1]}"
             elif steps:
                 found = f"a checkpoint of step {steps[0]}"
-        if self.layout.distributed:
-            import torch.distributed as dist
-
-            every = [None] * self.layout.world_size
-            dist.all_gather_object(every, found)
-            found = next((f for f in every if f is not None), None)
+        found = next((f for f in self.layout.gather_object(found) if f is not None), None)
         if found is not None:
             raise LaunchError(
                 f"run.dir={self.cfg.run.dir} already holds a run ({found}), which train.resume=none would "
@@ -394,12 +384,7 @@ class Trainer:
                 loaded = ckpt.load_checkpoint(path, L.rank, L.world_size, L.ep)
             except CheckpointError as e:
                 error = str(e)
-            errors = [error]
-            if L.distributed:
-                import torch.distributed as dist
-
-                errors = [None] * L.world_size
-                dist.all_gather_object(errors, error)
+            errors = L.gather_object(error)
             first = next((f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None), None)
             if first is None:
                 if self.is_main:  # the others go on to collectives: a failed rename only warns
@@ -520,12 +505,7 @@ class Trainer:
         z3 = getattr(self.backend, "zero3_experts", None)  # ZeRO-3: experts outside the module tree
         if z3 is not None:
             mine.update({name: [getattr(p, "_moe_expert_offset", 0), p.shape[0]] for name, p in z3.named_params()})
-        if not self.layout.distributed:
-            return {name: [v] for name, v in mine.items()}
-        import torch.distributed as dist
-
-        every: list = [None] * self.layout.world_size
-        dist.all_gather_object(every, mine)
+        every = self.layout.gather_object(mine)
         return {name: [every[r][name] for r in range(self.layout.ep)] for name in mine}
 
     def _mean_over_ranks(self, values: list[float]) -> list[float]:
