@@ -452,13 +452,13 @@ def test_a_call_with_no_rows_has_zero_losses(ffn):
 def test_balance_bias_update_hand_computed():
     bb = BalanceBias(4, rate=0.1)
     bb.train()
-    bb.observe(torch.tensor([[0, 0], [0, 1]]))  # loads [3, 1, 0, 0], mean 1
+    bb.observe(torch.tensor([3, 1, 0, 0]))  # the counts of selections [[0, 0], [0, 1]]; mean 1
     bb.update()
     torch.testing.assert_close(bb.bias, torch.tensor([[-0.1, 0.0, 0.1, 0.1]]))
     assert bb.load.sum() == 0
     assert "bias" in bb.state_dict() and "load" not in bb.state_dict()  # saved in checkpoints
     bb.eval()
-    bb.observe(torch.tensor([[0]]))  # evaluation does not count
+    bb.observe(torch.tensor([1, 0, 0, 0]))  # evaluation does not count
     assert bb.load.sum() == 0
 
 

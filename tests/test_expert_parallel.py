@@ -109,7 +109,7 @@ def _parity_worker(rank, world, ep_size, kind, E, cf, scenario):
         # Communication accounting: bytes to rank j = rows routed to j's experts (D in) +
         # rows j routed to ours, returned (D out), float64; from the one-process routing.
         with torch.no_grad():
-            expert_TK, _, keep_TK, _ = ref.route(X.view(-1, D))
+            expert_TK, _, keep_TK, _, _ = ref.route(X.view(-1, D))
         starts = expert_placement(E, ep.size)
         owner_TK = torch.bucketize(expert_TK, torch.tensor(starts[1:-1]), right=True)
         src_TK = (torch.arange(expert_TK.shape[0]) // (B * S) % ep.size).unsqueeze(1).expand_as(expert_TK)

@@ -76,3 +76,55 @@ def test_bench_host_overhead_times_both_launch_paths():
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in p.stdout.splitlines()[2:]}
     assert set(rows) == {"ops", "direct"}
     assert all(len(v) == 2 and min(v) > 0 for v in rows.values())
+
+
+def _load_tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Ops (no views) of one training step on a GPU's path, forward and backward, at torch 2.13.0.
+# A change that adds launches to a routed layer must say so here: on a GPU a small layer's
+# time is its launches (docs/benchmarks.md). At commit 272f7e3 the routed ones were (71, 42), (71, 40), (51, 39), (46, 27), (90, 74) and (89, 68).
+LAYER_OPS = {
+    "switch top-1 cf1.25": (55, 40),
+    "top-2 cf1.25": (53, 32),
+    "top-2 dropless": (36, 31),
+    "sigma-moe top-2": (36, 27),
+    "slicemoe top-2 cf1.25": (74, 66),
+    "switchhead attention": (75, 68),
+    "dense": (5, 12),
+}
+HOST_READS = {"_local_scalar_dense", "nonzero", "item", "bincount"}
+
+
+def test_routed_layers_launch_the_counted_ops_and_read_nothing_on_the_gpu_path():
+    import torch
+
+    import moe_dist.moe.dispatch as dispatch
+
+    tool = _load_tool("count_layer_ops")
+    got = {name: tuple(len(ops) for ops in tool.count_ops(name, "gpu")) for name in LAYER_OPS}
+    assert got == LAYER_OPS
+    for name in LAYER_OPS:
+        fwd, bwd = tool.count_ops(name, "gpu")
+        assert not HOST_READS & set(fwd + bwd), name  # no GPU sync in a step
+    # The cpu path reads the kept count on the host (one sync, free here) where it drops.
+    fwd, _ = tool.count_ops("top-2 cf1.25", "cpu")
+    assert fwd.count("_local_scalar_dense") == 1 and "scatter_add_" not in fwd
+    assert dispatch.host_reads_free(torch.device("cpu"))  # the gpu path was undone
+
+
+def test_count_layer_ops_prints_counts_and_times():
+    p = subprocess.run([sys.executable, "tools/count_layer_ops.py", "--tokens", "16", "--d-model", "16",
+                        "--d-expert", "32", "--rounds", "1", "--steps", "2"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {line[:24].strip(): line[24:].split() for line in p.stdout.splitlines()[3:]}
+    assert set(rows) == set(LAYER_OPS)
+    assert rows["dense"][0] == "5+12=17" and rows["dense"][3] == "1.00"
+    assert all(float(r[2]) > 0 for r in rows.values())

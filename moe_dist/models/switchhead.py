@@ -85,19 +85,21 @@ class SwitchHeadAttention(nn.Module):
         T, H, E, K = x_route_TD.shape[0], self.n_heads, self.num_experts, self.top_k
         timer = self.ep.timer(x_route_TD.device)
         dtype = router_dtype(x_route_TD)
-        head_R = torch.arange(T * H, device=x_route_TD.device) % H
         with torch.autocast(device_type=x_route_TD.device.type, enabled=False):
             logits_RE = gate(x_route_TD.to(dtype)).view(T * H, E)
-            bias_RE = balance.bias[head_R] if balance.enabled else None
+            bias_RE = balance.bias.repeat(T, 1) if balance.enabled else None  # row r is head r % H
             expert_RK, weight_RK, probs_RE = route_topk(logits_RE, K, "sigmoid", bias_RE)
         if self.fixed_gates:
             weight_RK = torch.ones_like(weight_RK)
-        global_RK = expert_RK + (head_R * E).unsqueeze(1)
-        balance.observe(global_RK)
+        # Head h's experts are global ids h*E ... h*E + E-1.
+        first_H1 = torch.arange(0, H * E, E, device=expert_RK.device).unsqueeze(1)
+        global_RK = (expert_RK.view(T, H, K) + first_H1).view(T * H, K)
         ep, G = self.ep, H * E
+        counts_G = expert_counts(global_RK, G)  # this rank's, once: balance, statistics, sort
+        balance.observe(counts_G)
         probs_sum, terms = None, {}
         # Rows travel with the counts (global batch even if ranks' batches differ; >= 1).
-        local = [expert_counts(global_RK, G), torch.full((), T, device=global_RK.device)]
+        local = [counts_G, torch.full((), T, device=global_RK.device)]
         entropy = self.cfg.entropy_loss_weight > 0
         per_sequence = entropy and self.cfg.entropy_scope == "sequence"
         probs_seq = None
@@ -129,6 +131,7 @@ class SwitchHeadAttention(nn.Module):
             terms=terms,
             balance_bias=balance.live_bias,
             timer=timer,
+            kept_per_expert=counts_G,  # dropless: every assignment is kept
         )
         timer.lap("route")
         return global_RK, weight_RK, aux
@@ -138,14 +141,16 @@ class SwitchHeadAttention(nn.Module):
 
         Assignment a (of R*K) reads row a // src_div and writes row a // dst_div.
         """
-        assignment_N, counts_G = sort_by_expert(global_RK.reshape(-1), None, self.n_heads * self.num_experts)
+        # aux.kept_per_expert: this rank's counts from _route (dropless), not counted again.
+        assignment_N, counts_G = sort_by_expert(
+            global_RK.reshape(-1), None, self.n_heads * self.num_experts, aux.kept_per_expert
+        )
         src_N = torch.div(assignment_N, src_div, rounding_mode="floor")
         dst_N = torch.div(assignment_N, dst_div, rounding_mode="floor")
         y_NO, aux.sent_bytes = self.ep.run(rows_MD, src_N, counts_G, experts, aux.timer)
         y_NO = y_NO * weight_RK.reshape(-1)[assignment_N].to(y_NO.dtype).unsqueeze(1)
         y_MO = y_NO.new_zeros(n_out, y_NO.shape[1]).index_add(0, dst_N, y_NO)
         aux.timer.lap("combine")
-        aux.kept_per_expert = counts_G
         return y_MO
 
     def forward(self, x_BSD: torch.Tensor, x_route_BSD: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[MoEAux]]:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from moe_dist.moe.dispatch import expert_counts
-
 
 class BalanceBias(nn.Module):
     def __init__(self, num_experts: int, rate: float, groups: int = 1):
@@ -36,11 +34,11 @@ class BalanceBias(nn.Module):
         """The bias buffer itself when balancing is on (for the traffic statistics), else None."""
         return self.bias if self.enabled else None
 
-    def observe(self, expert_ids: torch.Tensor) -> None:
-        """Count the selections of one training forward; ids are group * E + expert."""
+    def observe(self, counts: torch.Tensor) -> None:
+        """Add one training forward's selections: counts [G * E] of the ids group * E +
+        expert (moe/dispatch.py expert_counts; the layers count once for every use)."""
         if self.enabled and self.training:
-            flat = self.load.view(-1)
-            flat += expert_counts(expert_ids, flat.numel()).to(flat.dtype)
+            self.load.view(-1).add_(counts.to(self.load.dtype))
 
     @torch.no_grad()
     def update(self, sum_over_ranks=None) -> None:

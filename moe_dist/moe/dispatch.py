@@ -37,6 +37,13 @@ from typing import Optional
 import torch
 
 
+def host_reads_free(device: torch.device) -> bool:
+    """Whether reading a tensor's value on the host costs nothing: CPU in eager. On a GPU a
+    read drains the launch queue, and under torch.compile it breaks the graph.
+    (tools/count_layer_ops.py rebinds this to count the ops a GPU's path launches.)"""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _scatter_counts(flat: torch.Tensor, num_experts: int, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Counts of `flat`'s ids (only where `keep`), by a scatter-add into [E] zeros: static shapes."""
     ones = torch.ones_like(flat, dtype=torch.long) if keep is None else keep.long()
@@ -54,7 +61,7 @@ def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     Integer adds are exact, so both give the same counts in any order (tests check they
     agree). On CUDA the scatter-add's atomics all hit E addresses: not timed there yet."""
     flat = ids.reshape(-1)
-    if flat.device.type == "cpu" and not torch.compiler.is_compiling():
+    if host_reads_free(flat.device):
         return torch.bincount(flat, minlength=num_experts)
     return _scatter_counts(flat, num_experts)
 
@@ -62,7 +69,7 @@ def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 def computes_dropped(ep_size: int, device: torch.device) -> bool:
     """Whether a routed layer keeps its capacity-dropped assignments in the dispatch, giving
     them no output, rather than leave them out (see the module docstring)."""
-    return ep_size == 1 and (device.type != "cpu" or torch.compiler.is_compiling())
+    return ep_size == 1 and not host_reads_free(device)
 
 
 def _kept_first(expert_P: torch.Tensor, keep_P: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,20 +80,23 @@ def _kept_first(expert_P: torch.Tensor, keep_P: torch.Tensor, num_experts: int) 
 
 
 def sort_by_expert(
-    expert_P: torch.Tensor, keep_P: Optional[torch.Tensor], num_experts: int
+    expert_P: torch.Tensor, keep_P: Optional[torch.Tensor], num_experts: int, counts_E: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(assignment_N, tokens_per_expert_E): the kept assignment ids, stably sorted by expert
-    (rows of one expert stay in assignment order), and how many each expert got."""
+    (rows of one expert stay in assignment order), and how many each expert got.
+    counts_E: expert_counts(expert_P) if the caller has them (used when keep_P is None)."""
     if keep_P is None:
-        return torch.sort(expert_P, stable=True).indices, expert_counts(expert_P, num_experts)
+        counts_E = expert_counts(expert_P, num_experts) if counts_E is None else counts_E
+        return torch.sort(expert_P, stable=True).indices, counts_E
     order_P, kept_E = _kept_first(expert_P, keep_P, num_experts)
     # NOTE: device-to-host sync: the number of kept rows sizes the permuted buffer.
     return order_P[: int(kept_E.sum())], kept_E
 
 
 def dispatch_order(
-    expert_P: torch.Tensor, keep_P: Optional[torch.Tensor], num_experts: int, ep_size: int
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    expert_P: torch.Tensor, keep_P: Optional[torch.Tensor], num_experts: int, ep_size: int,
+    counts_E: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:  # fmt: skip
     """(assignment_N, rows_per_expert_E, dropped_N, kept_per_expert_E): the assignments
     sorted by expert under the module docstring's rule for capacity drops.
       - left out (ep=1, CPU eager): sort_by_expert; dropped_N is None.
@@ -94,9 +104,10 @@ def dispatch_order(
         rows_per_expert_E.sum() are run (ExpertParallel.run), so the caller keeps the
         prefix as long as run's output. dropped_N is None.
       - computed (computes_dropped): every assignment, sorted by expert; dropped_N marks
-        the rows whose outputs the caller must zero."""
+        the rows whose outputs the caller must zero.
+    counts_E: expert_counts(expert_P), before drops, if the caller has them."""
     if keep_P is None:
-        assignment_N, rows_E = sort_by_expert(expert_P, None, num_experts)
+        assignment_N, rows_E = sort_by_expert(expert_P, None, num_experts, counts_E)
         return assignment_N, rows_E, None, rows_E
     if ep_size > 1:
         order_P, kept_E = _kept_first(expert_P, keep_P, num_experts)
@@ -104,6 +115,6 @@ def dispatch_order(
     if not computes_dropped(ep_size, expert_P.device):
         assignment_N, kept_E = sort_by_expert(expert_P, keep_P, num_experts)
         return assignment_N, kept_E, None, kept_E
-    assignment_N, rows_E = sort_by_expert(expert_P, None, num_experts)
+    assignment_N, rows_E = sort_by_expert(expert_P, None, num_experts, counts_E)
     kept_E = _scatter_counts(expert_P, num_experts, keep_P)  # no sync
     return assignment_N, rows_E, ~keep_P.index_select(0, assignment_N), kept_E

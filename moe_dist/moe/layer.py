@@ -64,7 +64,8 @@ class MoEFFN(nn.Module):
             self.experts.shard(*self.ep.local_range(self.num_experts))
 
     def route(self, x_TD: torch.Tensor, seq_len: Optional[int] = None):
-        """Router in float32 (autocast off), top-k, capacity. Returns (expert, weight, keep, aux).
+        """Router in float32 (autocast off), top-k, capacity. Returns (expert_TK, weight_TK,
+        keep_TK, aux, counts_E), counts_E this rank's assignments per expert before drops.
         seq_len: rows per sequence (moe.entropy_scope=sequence; default: one sequence)."""
         E, K, cfg = self.num_experts, self.top_k, self.cfg
         dtype = router_dtype(x_TD)
@@ -77,25 +78,28 @@ class MoEFFN(nn.Module):
             bias = self.balance.bias[0] if self.balance.enabled else None
             expert_TK, weight_TK, probs_TE = route_topk(logits_TE, K, self.score, bias, exclude)
             cf = cfg.capacity_factor_for(self.training)
-            keep_TK = self.ep.capacity_mask(expert_TK, E, cf)
+            # Counted once, for capacity, the statistics and the dispatch: each count is a
+            # few launches, and launches are a small layer's cost (tools/count_layer_ops.py).
+            counts_E = expert_counts(expert_TK, E)
+            keep_TK = self.ep.capacity_mask(expert_TK, E, cf, counts_E=counts_E)
             aux = routing_aux(self.ep, "ffn", logits_TE, probs_TE, expert_TK, keep_TK, cfg, cf,
-                              rows_per_seq=seq_len or max(x_TD.shape[0], 1))
+                              rows_per_seq=seq_len or max(x_TD.shape[0], 1), counts_E=counts_E)
         aux.balance_bias = self.balance.live_bias
-        self.balance.observe(expert_TK)
-        return expert_TK, weight_TK, keep_TK, aux
+        self.balance.observe(counts_E)
+        return expert_TK, weight_TK, keep_TK, aux, counts_E
 
     def forward(self, x_BSD: torch.Tensor, x_route_BSD: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, MoEAux]:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         x_route_TD = x_TD if x_route_BSD is None else x_route_BSD.reshape(B * S, D)
         timer = self.ep.timer(x_TD.device)
-        expert_TK, weight_TK, keep_TK, aux = self.route(x_route_TD, S)
+        expert_TK, weight_TK, keep_TK, aux, counts_E = self.route(x_route_TD, S)
         timer.lap("route")
         # 1. sort assignments by expert (moe/dispatch.py: capacity drops)  2. expert FFNs (across ranks under ep)
         # 3. scale by routing weight and scatter-add into the tokens
         keep_P = None if aux.capacity is None else keep_TK.reshape(-1)  # dropless: no mask, no sync
         assignment_N, tokens_per_expert_E, dropped_N, kept_E = dispatch_order(
-            expert_TK.reshape(-1), keep_P, self.num_experts, self.ep.size
+            expert_TK.reshape(-1), keep_P, self.num_experts, self.ep.size, counts_E
         )
         if self.ep.size == 1:  # all experts here: steps 1-3 in one op, no [N, D] copies
             w_N = weight_TK.reshape(-1).index_select(0, assignment_N)
@@ -137,13 +141,14 @@ def routing_aux(
     capacity_factor: Optional[float],
     slice_cap_loss_weight: Optional[float] = None,
     rows_per_seq: int = 1,
+    counts_E: Optional[torch.Tensor] = None,
 ) -> MoEAux:
     """Losses and statistics of one routed call, over the global batch (summed over every
     rank, autograd through the sums), so they equal one process's on the same batch.
     slice_cap_loss_weight: a SliceMoE call's capacity loss, weight x CV^2 of the
     straight-through loads, built from this call's counts and softmax sums (None: not SliceMoE).
     rows_per_seq: routed rows of one sequence (its tokens, or (token, slice) pairs), for
-    moe.entropy_scope=sequence."""
+    moe.entropy_scope=sequence. counts_E: expert_counts(expert_TK), if the caller has them."""
     T, K = expert_TK.shape
     E = logits_TE.shape[1]
     entropy = cfg.entropy_loss_weight > 0
@@ -151,10 +156,11 @@ def routing_aux(
     # Every sum over the global batch in one all-reduce: rows, counts, drops, the loss sums.
     # The row count travels too, so ranks with unequal batches still normalise by the
     # global batch; clamped to 1 so that a call with no rows gives zero losses, not 0/0.
+    dropless = capacity_factor is None or capacity_factor == 0  # nothing is dropped for capacity
     local = {
         "rows": torch.full((), T, dtype=torch.long, device=expert_TK.device),
-        "counts": expert_counts(expert_TK, E),
-        "dropped": (~keep_TK).sum(),
+        "counts": expert_counts(expert_TK, E) if counts_E is None else counts_E,
+        "dropped": expert_TK.new_zeros(()) if dropless else (~keep_TK).sum(),
     }
     slice_cap = slice_cap_loss_weight is not None
     if cfg.lb_loss_weight > 0 or (entropy and not per_sequence) or slice_cap:
@@ -165,19 +171,22 @@ def routing_aux(
     if cfg.z_loss_weight > 0:
         local["z"] = torch.logsumexp(logits_TE, dim=-1).square().sum()
     total = dict(zip(local, ep.sum_stats_many(list(local.values()))))
-    counts_E = total["counts"]
+    world_counts_E = total["counts"]
     rows = total["rows"].clamp_min(1)
-    loss = logits_TE.new_zeros(())
+    weighted: list[torch.Tensor] = []  # summed without a zero to start from: one add fewer
     terms: dict[str, torch.Tensor] = {}
     if cfg.lb_loss_weight > 0:
-        terms["switch_lb"] = switch_lb_loss_from_sums(total["probs"], counts_E, rows, K)
-        loss = loss + cfg.lb_loss_weight * terms["switch_lb"]
+        terms["switch_lb"] = switch_lb_loss_from_sums(total["probs"], world_counts_E, rows, K)
+        weighted.append(cfg.lb_loss_weight * terms["switch_lb"])
     if cfg.z_loss_weight > 0:
         terms["z_loss"] = total["z"] / rows
-        loss = loss + cfg.z_loss_weight * terms["z_loss"]
+        weighted.append(cfg.z_loss_weight * terms["z_loss"])
     if slice_cap:
-        cv2 = cv_squared(straight_through_load(counts_E, total["probs"], K))
-        loss = loss + slice_cap_loss_weight * cv2
+        cv2 = cv_squared(straight_through_load(world_counts_E, total["probs"], K))
+        weighted.append(slice_cap_loss_weight * cv2)
+    loss = logits_TE.new_zeros(()) if not weighted else weighted[0]
+    for w in weighted[1:]:
+        loss = loss + w
     probs_sum, num_rows, num_sequences = None, rows, None
     if entropy:
         probs_sum, num_rows, num_sequences, terms["entropy_reg"] = entropy_fields(
@@ -188,7 +197,7 @@ def routing_aux(
     return MoEAux(
         name=name,
         loss=loss.float(),
-        tokens_per_expert=counts_E.detach(),
+        tokens_per_expert=world_counts_E.detach(),
         dropped=total["dropped"].detach(),
         assignments=T * ep.world * K,  # a traffic statistic: the trainer's batches are equal
         probs_sum=probs_sum,

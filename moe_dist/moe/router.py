@@ -64,11 +64,14 @@ def route_topk(
     if top_k == 1:  # argmax returns the first maximum: the same tie rule, 10x cheaper on CPU
         expert_TK = select_TE.argmax(dim=-1, keepdim=True)
     else:  # A stable descending sort fixes the tie rule; torch.topk leaves it unspecified.
-        expert_TK = torch.sort(select_TE, dim=-1, descending=True, stable=True).indices[:, :top_k]
-    weight_TK = scores_TE.gather(1, expert_TK)
+        # Contiguous: every later use flattens it, which would copy a strided slice each time.
+        expert_TK = torch.sort(select_TE, dim=-1, descending=True, stable=True).indices[:, :top_k].contiguous()
     if score == "softmax" and top_k > 1:
-        weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
-    return expert_TK, weight_TK, probs_TE
+        # p_i / sum of the selected p_j, computed as the softmax of the selected logits (the
+        # same value): a small layer's cost is its launches, and this backward takes 4
+        # fewer (tools/count_layer_ops.py).
+        return expert_TK, torch.softmax(logits_TE.gather(1, expert_TK), dim=-1), probs_TE
+    return expert_TK, scores_TE.gather(1, expert_TK), probs_TE
 
 
 def topk_softmax(logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,28 +79,34 @@ def topk_softmax(logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, tor
     return route_topk(logits_TE, top_k, "softmax")
 
 
-def position_in_expert(expert_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+def position_in_expert(
+    expert_TK: torch.Tensor, num_experts: int, counts_E: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """For each assignment, how many higher-priority assignments chose the same expert.
 
     Priority order is (choice rank k, token t), see the module docstring. O(TK log TK) via a
-    stable sort, no [T, E] or [T, E, capacity] one-hot tensors.
+    stable sort, no [T, E] or [T, E, capacity] one-hot tensors. counts_E: expert_counts of
+    expert_TK, if the caller has them.
     """
     T, K = expert_TK.shape
     expert_P = expert_TK.t().reshape(-1)  # P = K*T assignments in priority order
-    order_P = torch.sort(expert_P, stable=True).indices
-    counts_E = expert_counts(expert_P, num_experts)
+    sorted_P, order_P = torch.sort(expert_P, stable=True)
+    if counts_E is None:
+        counts_E = expert_counts(expert_P, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
-    pos_sorted = torch.arange(expert_P.numel(), device=expert_P.device) - starts_E[expert_P[order_P]]
+    pos_sorted = torch.arange(expert_P.numel(), device=expert_P.device) - starts_E[sorted_P]
     pos_P = torch.empty_like(pos_sorted)
     pos_P[order_P] = pos_sorted
     return pos_P.view(K, T).t()
 
 
-def capacity_mask(expert_TK: torch.Tensor, num_experts: int, capacity: Optional[int]) -> torch.Tensor:
+def capacity_mask(
+    expert_TK: torch.Tensor, num_experts: int, capacity: Optional[int], counts_E: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Boolean [T, K]: True for assignments that fit in their expert's capacity."""
     if capacity is None:
         return torch.ones_like(expert_TK, dtype=torch.bool)
-    return position_in_expert(expert_TK, num_experts) < capacity
+    return position_in_expert(expert_TK, num_experts, counts_E) < capacity
 
 
 def switch_load_balancing_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor) -> torch.Tensor:
@@ -111,10 +120,13 @@ def switch_load_balancing_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor) 
 
 def switch_lb_loss_from_sums(probs_sum_E: torch.Tensor, counts_E: torch.Tensor, num_rows: int, top_k: int) -> torch.Tensor:
     """The Switch loss from batch sums (for sums taken over several ranks):
-    f_i = counts_i / (rows * K), P_i = probs_sum_i / rows."""
+    f_i = counts_i / (rows * K), P_i = probs_sum_i / rows, loss = E * sum_i f_i P_i.
+    Written as <coef, probs_sum> with coef = E * f / rows built outside autograd (counts
+    have no gradient): its backward is one multiply."""
     E = probs_sum_E.numel()
-    f_E = counts_E.to(probs_sum_E.dtype) / (num_rows * top_k)
-    return E * torch.sum(f_E * probs_sum_E / num_rows)
+    with torch.no_grad():
+        coef_E = counts_E.to(probs_sum_E.dtype) * (E / top_k) / (num_rows * num_rows)
+    return torch.dot(coef_E, probs_sum_E)
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
@@ -133,7 +145,7 @@ def entropy_regularizer(probs_sum_E: torch.Tensor, num_rows: int) -> torch.Tenso
 def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
     """Sum over rows of each row's entropy -sum_e p log p (nats): log E for a router that
     cannot decide, 0 for a certain one. A statistic, not a loss."""
-    return -(probs_TE * torch.log(probs_TE.clamp_min(1e-30))).sum()
+    return torch.special.entr(probs_TE).sum()  # entr(p) = -p log p, 0 at p = 0
 
 
 def cv_squared(load_E: torch.Tensor) -> torch.Tensor:

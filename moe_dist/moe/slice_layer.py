@@ -32,7 +32,7 @@ from moe_dist.config import MoEConfig
 from moe_dist.models.init import normal_
 from moe_dist.moe.aux import MoEAux
 from moe_dist.moe.balance import BalanceBias
-from moe_dist.moe.dispatch import dispatch_order
+from moe_dist.moe.dispatch import dispatch_order, expert_counts
 from moe_dist.moe.experts import GroupedExperts, autocast_input
 from moe_dist.moe.layer import router_dtype, routing_aux
 from moe_dist.moe.router import RouterLinear, route_topk
@@ -109,15 +109,16 @@ class SliceMoEFFN(nn.Module):
             cf = cfg.capacity_factor_for(self.training)
             # A weight dropped by cross-slice dropout is not computed, so it takes no slot.
             active_PK = None if slice_drop_PK is None else ~slice_drop_PK
-            keep_PK = self.ep.capacity_mask(expert_PK, E, cf, active_PK)
+            counts_E = expert_counts(expert_PK, E)  # once: see MoEFFN.route
+            keep_PK = self.ep.capacity_mask(expert_PK, E, cf, active_PK, counts_E=counts_E)
             # Drops counted are capacity drops only: the dropout ones are `skipped`.
             capacity_keep_PK = keep_PK if slice_drop_PK is None else keep_PK | slice_drop_PK
             aux = routing_aux(self.ep, "ffn", logits_PE, probs_PE, expert_PK, capacity_keep_PK, cfg, cf,
-                              cfg.slice_cap_loss_weight, rows_per_seq=S * self.num_slices)
+                              cfg.slice_cap_loss_weight, rows_per_seq=S * self.num_slices, counts_E=counts_E)
             if slice_drop_PK is not None:
                 aux.skipped = slice_drop_PK.sum()  # counted, never silent
         aux.balance_bias = self.balance.live_bias
-        self.balance.observe(expert_PK)
+        self.balance.observe(counts_E)
         timer.lap("route")
         # 1. sort (token, slice) assignments by expert (moe/dispatch.py)  2. scale each slice by its
         # weight  3. expert FFNs  4. scatter-add back into the slice's row, slices in order
@@ -125,7 +126,7 @@ class SliceMoEFFN(nn.Module):
         all_kept = aux.capacity is None and slice_drop_PK is None
         keep_P = None if all_kept else keep_PK.reshape(-1)
         assignment_N, tokens_per_expert_E, dropped_N, kept_E = dispatch_order(
-            expert_PK.reshape(-1), keep_P, E, self.ep.size
+            expert_PK.reshape(-1), keep_P, E, self.ep.size, counts_E
         )
         pair_N = torch.div(assignment_N, K, rounding_mode="floor")
         w_N = weight_PK.reshape(-1)[assignment_N]

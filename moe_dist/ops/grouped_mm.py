@@ -368,7 +368,15 @@ def expert_mlp(
     if backend == "loop":  # per-expert cache blocking (ops/loop.py)
         token_N = torch.div(slot_N, top_k, rounding_mode="floor")
         return loop_expert_mlp(x_TD, w_in_EDH, w_out_EFD, tokens_per_expert_E, token_N, token_N, T, weight_N, act)
-    plan = _plan(tokens_per_expert_E, slot_N.shape[0]) if backend == "triton" else None
+    if backend == "torch":  # unfused: one token index and one offsets vector for both GEMMs
+        token_N = torch.div(slot_N, top_k, rounding_mode="floor")
+        offs_E = _offsets(tokens_per_expert_E)
+        h_NH = _torch_mm(x_TD.index_select(0, token_N), w_in_EDH, offs_E)  # not x[token_N]: ops/__init__.py
+        y_ND = _torch_mm(activation(h_NH, act), w_out_EFD, offs_E)
+        if weight_N is not None:
+            y_ND = y_ND * weight_N.to(y_ND.dtype).unsqueeze(1)
+        return y_ND.new_zeros(T, y_ND.shape[1]).index_add(0, token_N, y_ND)
+    plan = _plan(tokens_per_expert_E, slot_N.shape[0])
     h_NH = _sgmm(x_TD, w_in_EDH, tokens_per_expert_E, slot_N, top_k, 0, None, None, "none", backend, plan)
     return _sgmm(h_NH, w_out_EFD, tokens_per_expert_E, slot_N, 0, top_k, T, weight_N, act, backend, plan)
 
@@ -400,6 +408,13 @@ def grouped_mm(
         return loop_grouped_mm(x_ND, w_EDF, tokens_per_expert_E)
     if backend == "triton":
         return _sgmm(x_ND, w_EDF, tokens_per_expert_E, None, 0, 0, None, None, "none", backend)
-    offs_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
-    y_NF = _torch_grouped_mm(x_ND.contiguous(), w_EDF.contiguous(), offs=offs_E)
-    return _ContiguousGrad.apply(y_NF)
+    return _torch_mm(x_ND, w_EDF, _offsets(tokens_per_expert_E))
+
+
+def _offsets(tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm's offs: the end row of each group, int32."""
+    return torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
+
+
+def _torch_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    return _ContiguousGrad.apply(_torch_grouped_mm(x_ND.contiguous(), w_EDF.contiguous(), offs=offs_E))

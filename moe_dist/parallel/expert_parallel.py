@@ -130,12 +130,15 @@ class ExpertParallel:
         num_experts: int,
         capacity_factor: Optional[float],
         active_TK: Optional[torch.Tensor] = None,
+        counts_E: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Boolean [T, K]: the assignments one process would keep on the ep group's
         concatenated batch (ranks in order). Priority: choice rank k first, then position in
         that concatenation (router.py). Capacity = ceil(T_group * K / E * cf).
         active_TK (SliceMoE's cross-slice dropout): assignments that will not be computed
-        take no slot and are not kept; the capacity still counts every row."""
+        take no slot and are not kept; the capacity still counts every row.
+        counts_E: this rank's expert_counts(expert_TK), if the caller has them (one
+        process, no active_TK: the counts capacity needs)."""
         if capacity_factor is None or capacity_factor == 0:
             keep = torch.ones_like(expert_TK, dtype=torch.bool)
             return keep if active_TK is None else active_TK.clone()
@@ -146,16 +149,17 @@ class ExpertParallel:
             from moe_dist.moe.router import expert_capacity
 
             capacity = expert_capacity(T, K, num_experts, capacity_factor)
-            keep = local_capacity_mask(expert_TK, num_experts + 1, capacity)
-            return keep if active_TK is None else keep & active_TK
+            if active_TK is None:
+                return local_capacity_mask(expert_TK, num_experts, capacity, counts_E)
+            return local_capacity_mask(expert_TK, num_experts + 1, capacity) & active_TK
         E = num_experts + 1  # the ids, with the extra one (empty without active_TK)
         # Key (k, e) of every assignment in priority order (k-major, then token).
         key_P = (torch.arange(K, device=expert_TK.device).unsqueeze(1) * E + expert_TK.t()).reshape(-1)
         counts_KE = expert_counts(key_P, K * E)
-        order = torch.sort(key_P, stable=True).indices
+        sorted_P, order = torch.sort(key_P, stable=True)
         starts = torch.cumsum(counts_KE, 0) - counts_KE
         local_pos = torch.empty_like(key_P)
-        local_pos[order] = torch.arange(key_P.numel(), device=key_P.device) - starts[key_P[order]]
+        local_pos[order] = torch.arange(key_P.numel(), device=key_P.device) - starts[sorted_P]
         # Counts of every rank of the ep group: [P, K, E].
         gathered = torch.empty(self.size * K * E, dtype=counts_KE.dtype, device=counts_KE.device)
         _all_gather_single(gathered, counts_KE.contiguous(), group=self.group)
