@@ -8,7 +8,13 @@ import torch
 
 from moe_dist.config import AttentionConfig, MoEConfig, load_config
 from moe_dist.errors import ConfigError
-from moe_dist.models.attention import CausalSelfAttention
+from moe_dist.models.attention import (
+    CausalSelfAttention,
+    apply_rope,
+    apply_rope_reference,
+    rope_pair_tables,
+    rope_tables,
+)
 from moe_dist.models.switchhead import SwitchHeadAttention
 from moe_dist.models.transformer import LM
 from moe_dist.moe.aux import MoEAux, total_aux_loss
@@ -140,11 +146,11 @@ def test_sequence_entropy_scope_matches_the_moeut_reference():
 
 def reference_switchhead(x_TD, q_w, k_w, gs_w, gd_w, w_v, w_o, H, E, K, Dh, cos, sin):
     """Per-token, per-head loop from the SwitchHead equations (one sequence, causal)."""
-    from moe_dist.models.attention import apply_rope
+    from moe_dist.models.attention import apply_rope_reference
 
     T = x_TD.shape[0]
-    q = apply_rope((x_TD @ q_w.T).view(T, H, Dh).transpose(0, 1).unsqueeze(0), cos, sin)[0]
-    k = apply_rope((x_TD @ k_w.T).view(T, H, Dh).transpose(0, 1).unsqueeze(0), cos, sin)[0]
+    q = apply_rope_reference((x_TD @ q_w.T).view(T, H, Dh).transpose(0, 1).unsqueeze(0), cos, sin)[0]
+    k = apply_rope_reference((x_TD @ k_w.T).view(T, H, Dh).transpose(0, 1).unsqueeze(0), cos, sin)[0]
     s_src = torch.sigmoid(x_TD @ gs_w.T).view(T, H, E)
     s_dst = torch.sigmoid(x_TD @ gd_w.T).view(T, H, E)
 
@@ -179,11 +185,28 @@ def test_switchhead_matches_reference():
     params = [qk, att.gate_src.weight, att.gate_dst.weight, att.experts_v.w_GIO, att.experts_o.w_GIO]
     ref = clones(params)
     (x_ref,) = clones([x])
-    cos, sin = att.qk.rope_cos.double(), att.qk.rope_sin.double()
+    cos, sin = rope_tables(S, Dh, 10000.0)  # RoFormer's [S, Dh/2] tables, not the module's
     y_ref = reference_switchhead(x_ref[0], ref[0][: H * Dh], ref[0][H * Dh :], *ref[1:], H, E, K, Dh, cos, sin)
     torch.testing.assert_close(y[0], y_ref, **F64)
     assert a_src.tokens_per_expert.sum().item() == S * H * K and a_src.tokens_per_expert.numel() == H * E
     grads_match(y[0], y_ref, params, ref, [x], [x_ref])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rope_equals_the_pairwise_reference_bit_for_bit(dtype):
+    torch.manual_seed(0)
+    B, H, S, Dh = 2, 3, 11, 8
+    cos, sin = rope_tables(16, Dh, 10000.0)
+    x = torch.randn(B, H, S, Dh, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = apply_rope(x, *rope_pair_tables(cos, sin)), apply_rope_reference(x_ref, cos, sin)
+    assert y.dtype == dtype and torch.equal(y, y_ref)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    assert torch.equal(x.grad, x_ref.grad)
+    # Position 0 does not turn (cos 1, sin 0); rope computes in float32.
+    assert torch.equal(y[:, :, 0], x[:, :, 0].float().to(dtype))
 
 
 def test_switchhead_one_expert_fixed_gates_is_mha():

@@ -8,6 +8,7 @@ from moe_dist.moe.router import (
     capacity_mask,
     expert_capacity,
     position_in_expert,
+    route_topk,
     router_z_loss,
     switch_load_balancing_loss,
     topk_softmax,
@@ -50,6 +51,16 @@ def test_topk_weights_hand_computed():
     torch.testing.assert_close(w, torch.tensor([[4 / 7, 3 / 7]]))
     _, w1, _ = topk_softmax(logits, 1)
     torch.testing.assert_close(w1, torch.tensor([[0.4]]))
+
+
+def test_topk_weights_survive_underflowed_probabilities():
+    """Expert 0 is excluded (expert dropout) but holds all the softmax mass: the selected
+    probabilities underflow to 0 in float32, and p / sum(p) would be 0/0. The weights are
+    the softmax of the selected logits, which stays exact."""
+    logits = torch.tensor([[120.0, 0.0, 0.5, -50.0]])
+    e, w, p = route_topk(logits, 2, exclude_TE=torch.tensor([[True, False, False, False]]))
+    assert p[0, 1:3].tolist() == [0.0, 0.0] and e.tolist() == [[1, 2]]  # a tie at 0: lower index first
+    torch.testing.assert_close(w, torch.softmax(torch.tensor([[0.0, 0.5]]), dim=-1))
 
 
 def test_every_token_to_one_expert():

@@ -96,7 +96,7 @@ LAYER_OPS = {
     "top-2 dropless": (36, 31),
     "sigma-moe top-2": (36, 27),
     "slicemoe top-2 cf1.25": (74, 66),
-    "switchhead attention": (75, 68),
+    "switchhead attention": (68, 56),
     "dense": (5, 12),
 }
 HOST_READS = {"_local_scalar_dense", "nonzero", "item", "bincount"}
@@ -107,6 +107,8 @@ def test_routed_layers_launch_the_counted_ops_and_read_nothing_on_the_gpu_path()
 
     import moe_dist.moe.dispatch as dispatch
 
+    if not torch.__version__.startswith("2.13."):  # other versions decompose some ops differently
+        pytest.skip(f"op counts are pinned at torch 2.13 (the CI pin), not {torch.__version__}")
     tool = _load_tool("count_layer_ops")
     got = {name: tuple(len(ops) for ops in tool.count_ops(name, "gpu")) for name in LAYER_OPS}
     assert got == LAYER_OPS
