@@ -205,3 +205,31 @@ def test_cli_contradicting_json_exits_2_before_work(tmp_path):
         f"error: {path}: gradient_accumulation_steps=4 contradicts train.grad_accum_steps (which gives 1); "
         "remove it from the JSON or change the YAML")
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_adamw_is_fused_for_plain_tensors_and_steps_like_the_default():
+    """build_adamw takes torch's fused AdamW for plain CPU/CUDA tensors; it steps like the
+    default AdamW. (FSDP2's DTensor parameters keep the default: the fsdp2 cases above fail
+    with "got mixed torch.Tensor and DTensor" if they do not.)"""
+    import torch
+
+    from moe_dist.trainer.backends import build_adamw, param_groups
+
+    cfg = load_config(None, ["optim.weight_decay=0.1"])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3))
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reference = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    fused = build_adamw(param_groups(model.named_parameters(), 0.1), cfg)
+    default = torch.optim.AdamW(param_groups(reference.items(), 0.1), lr=cfg.optim.lr,
+                                betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)  # fmt: skip
+    assert fused.defaults["fused"] is True and not default.defaults["fused"]
+    for _ in range(3):
+        for n, p in model.named_parameters():
+            p.grad = torch.randn_like(p)
+            reference[n].grad = p.grad.clone()
+        fused.step()
+        default.step()
+    for n, p in model.named_parameters():
+        assert not torch.equal(p, start[n])  # it stepped
+        torch.testing.assert_close(p, reference[n], rtol=1e-6, atol=1e-7)

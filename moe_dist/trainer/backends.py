@@ -46,8 +46,18 @@ def param_groups(params, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_adamw(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.AdamW:
+    """torch's fused AdamW where every parameter allows it (floating, on CPU or CUDA, plain
+    tensors): one kernel per tensor group, where the default loops over tensors a few ops
+    at a time. On the quickstart model (43 tensors, 3.9M parameters, 2-core CPU) a step
+    took 2.2 ms against 13.7 ms (10.7 ms foreach); on a GPU it saves launches. FSDP2 keeps
+    the default: its DTensor parameters sit in groups with our plain expert tensors, which
+    the fused kernel refuses ("got mixed torch.Tensor and DTensor")."""
     o = cfg.optim
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(
+        type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params
+    )
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
