@@ -508,15 +508,16 @@ class Trainer:
         every = self.layout.gather_object(mine)
         return {name: [every[r][name] for r in range(self.layout.ep)] for name in mine}
 
-    def _mean_over_ranks(self, values: list[float]) -> list[float]:
+    def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """values averaged over the ranks, on the training device (an nccl group has no CPU
+        backend): a collective, no host read."""
         if not self.layout.distributed:
             return values
         import torch.distributed as dist
 
-        # On the training device: an nccl group has no CPU backend.
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return (t / self.layout.world_size).tolist()
+        values = values.to(self.device, torch.float64)
+        dist.all_reduce(values)
+        return values / self.layout.world_size
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -536,15 +537,16 @@ class Trainer:
             batch = batch[r * B : (r + 1) * B].to(self.device)
             with self._autocast():
                 out = self.backend.module(batch[:, :-1])
-            losses.append(lm_loss(out.logits, batch[:, 1:]).item())
+            losses.append(lm_loss(out.logits, batch[:, 1:]).double())  # kept on the device
         self.backend.module.train()
-        val_loss = self._mean_over_ranks([float(np.mean(losses))])[0]
+        # NOTE: device-to-host sync: one per evaluation, not one per batch.
+        val_loss = self._mean_over_ranks(torch.stack(losses).mean()).item()
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     def train_step(self, batches) -> dict[str, Any]:
         """One optimizer step over grad_accum_steps micro-batches."""
         accum = self.cfg.train.grad_accum_steps
-        totals = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0}
+        summed = None  # [lm, aux, loss] summed over the micro-batches, on the device
         B, r = self.cfg.train.micro_batch_size, self.layout.rank
         for i, batch in enumerate(batches):
             if self.cfg.data.rank_split == "batch" and self.layout.distributed:
@@ -557,18 +559,22 @@ class Trainer:
                 aux = out.aux_loss
                 loss = lm + aux
                 self.backend.backward(loss)
-            # NOTE: device-to-host sync (and an all-reduce) per micro-batch for the logged losses.
-            stats = self._mean_over_ranks(torch.stack([lm.detach(), aux.detach(), loss.detach()]).tolist())
-            totals["lm_loss"] += stats[0] / accum
-            totals["aux_loss"] += stats[1] / accum
-            totals["loss"] += stats[2] / accum
+            losses = torch.stack([lm.detach(), aux.detach(), loss.detach()]).double()
+            summed = losses if summed is None else summed + losses
             if self.traffic is not None:
                 self.traffic.observe(out.moe)  # references only: no sync
         lr = self.backend.lr
         grad_norm = self.backend.step()
         self.model.update_balance_biases()
         self.step += 1
-        return {"step": self.step, **totals, "lr": lr, "grad_norm": grad_norm.item()}
+        # The logged losses, averaged over micro-batches and ranks, and the gradient norm (the
+        # same on every rank) in one read. NOTE: device-to-host sync: one per step, not one
+        # (plus an all-reduce) per micro-batch: each sync lets the GPU run dry while the host
+        # queues the next micro-batch.
+        mean_3 = self._mean_over_ranks(summed / accum)
+        lm_loss_, aux_loss_, loss_, norm = torch.cat([mean_3, grad_norm.reshape(1).to(mean_3)]).tolist()
+        return {"step": self.step, "loss": loss_, "lm_loss": lm_loss_, "aux_loss": aux_loss_, "lr": lr,
+                "grad_norm": norm}  # fmt: skip
 
     def fit(self) -> None:
         c = self.cfg
