@@ -5,6 +5,8 @@ import shutil
 import sys
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,3 +65,25 @@ def tiny_overrides():
 
 def python_cmd(*args):
     return [sys.executable, *args]
+
+
+class HostReads(TorchDispatchMode):
+    """Records every read of a tensor's values on the host: .item() / int() (aten's
+    _local_scalar_dense), nonzero (sized by its values) and .tolist(), which on CPU reads
+    memory without dispatching and is counted by patching it. On a GPU each is a sync."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+
+    def __enter__(self):
+        self.reads, self._tolist = [], torch.Tensor.tolist
+        torch.Tensor.tolist = lambda t: self.reads.append("tolist") or self._tolist(t)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))

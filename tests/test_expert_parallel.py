@@ -8,9 +8,8 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, HostReads
 from dist_utils import free_port, run_distributed
 from moe_dist.config import AttentionConfig, MoEConfig
 from moe_dist.models.switchhead import SwitchHeadAttention
@@ -210,28 +209,6 @@ def _unequal_rows_worker(rank, world, kind):
 @pytest.mark.parametrize("kind", ["softmax", "slice"])
 def test_unequal_batches_across_ranks(kind):
     run_distributed(_unequal_rows_worker, 2, kind)
-
-
-class HostReads(TorchDispatchMode):
-    """Records every read of a tensor's values on the host: .item() / int() (aten's
-    _local_scalar_dense), nonzero (sized by its values) and .tolist(), which on CPU reads
-    memory without dispatching and is counted by patching it. On a GPU each is a sync."""
-
-    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
-
-    def __enter__(self):
-        self.reads, self._tolist = [], torch.Tensor.tolist
-        torch.Tensor.tolist = lambda t: self.reads.append("tolist") or self._tolist(t)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        torch.Tensor.tolist = self._tolist
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.READS:
-            self.reads.append(func.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def _host_reads_worker(rank, world, kind):

@@ -10,6 +10,15 @@ from conftest import REPO
 from dist_utils import free_port
 
 
+def _load_tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_bench_moe_layer_runs_all_three_layers():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
            "tools/bench_moe_layer.py", "--tokens", "256", "--d-model", "32", "--d-expert", "64", "--experts", "4",
@@ -31,16 +40,12 @@ def test_bench_moe_layer_runs_all_three_layers():
 def test_bench_moe_layer_synced_variant_restores_the_library():
     """--synced runs ours as before commit 0c948e1 (bincount counts: a host read, which
     meta tensors do not allow; drops left out) and then puts the library back."""
-    import importlib.util
-
     import torch
 
     import moe_dist.moe.dispatch as dispatch
     import moe_dist.moe.layer as layer
 
-    spec = importlib.util.spec_from_file_location("bench_moe_layer", os.path.join(REPO, "tools", "bench_moe_layer.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_tool("bench_moe_layer")
     ids = torch.empty(6, dtype=torch.long, device="meta")
     cuda = torch.device("cuda")
     assert dispatch.computes_dropped(1, cuda) and layer.expert_counts(ids, 4).shape == (4,)
@@ -76,15 +81,6 @@ def test_bench_host_overhead_times_both_launch_paths():
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in p.stdout.splitlines()[2:]}
     assert set(rows) == {"ops", "direct"}
     assert all(len(v) == 2 and min(v) > 0 for v in rows.values())
-
-
-def _load_tool(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # Ops (no views) of one training step on a GPU's path, forward and backward, at torch 2.13.0.

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY, copy_with_corrupt_shard
+from conftest import REPO, TINY, HostReads, copy_with_corrupt_shard
 from moe_dist.config import load_config
 from moe_dist.errors import CheckpointError
 from moe_dist.train import main
@@ -395,35 +395,20 @@ def test_a_training_step_reads_the_host_once(tmp_path, monkeypatch):
     """On a GPU every read of a value on the host waits for the queued work. A step reads
     once (the logged losses and the gradient norm together), however many micro-batches:
     2 more steps add exactly 2 reads. The routed layers take a GPU's path (no host reads)."""
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import moe_dist.moe.dispatch as dispatch
 
     monkeypatch.setattr(dispatch, "host_reads_free", lambda device: False)
-    reads_ops = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
-
-    class Reads(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in reads_ops:
-                reads.append(func.__name__)
-            return func(*args, **(kwargs or {}))
 
     def run(steps):
-        reads.clear()
         cfg = load_config(None, TINY + [f"run.dir={tmp_path / str(steps)}", f"train.max_steps={steps}",
                                         "train.grad_accum_steps=3", "train.eval_every=0", "checkpoint.every=0",
                                         "checkpoint.save_final=false", "moe.grouped_mm=torch"])  # fmt: skip
         trainer = Trainer(cfg, log=lambda *_: None)
-        tolist = torch.Tensor.tolist
-        monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append("tolist") or tolist(t))
-        with Reads():
+        with HostReads() as host:
             trainer.fit()
-        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
         trainer.close()
-        return sorted(reads)
+        return sorted(host.reads)
 
-    reads: list[str] = []
     two, four = run(2), run(4)
     extra = list(four)
     for r in two:

@@ -98,16 +98,13 @@ def _plot(out, labels, series, grids, a2a) -> None:
     # Experts and ranks are integers: matplotlib's default ticks fall between cells (0.5, 1.5).
     from matplotlib.ticker import MaxNLocator
 
-    def integer_ticks():
-        return MaxNLocator(integer=True)
-
-    axes[2].xaxis.set_major_locator(integer_ticks())
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(im, ax=axes[2])
     if a2a is not None:
         im = axes[3].imshow(a2a, cmap="viridis", interpolation="nearest")
         axes[3].set(title="all-to-all bytes per step", xlabel="receiver rank", ylabel="sender rank")
-        axes[3].xaxis.set_major_locator(integer_ticks())
-        axes[3].yaxis.set_major_locator(integer_ticks())
+        axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))  # one locator per axis
+        axes[3].yaxis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(im, ax=axes[3])
     fig.tight_layout()
     fig.savefig(out, dpi=100)
