@@ -77,15 +77,15 @@ def _switchhead() -> SwitchHeadAttention:
     return layer
 
 
-# name -> (builder, dense FLOP-matched hidden width or None). Tiny shapes, float32.
+# name -> builder. Tiny shapes, float32. "dense": the FFN whose FLOPs equal a top-2 layer's.
 LAYERS = {
-    "switch top-1 cf1.25": (lambda: _moe(1, 1.25, lb_loss_weight=0.01, z_loss_weight=0.001), F),
-    "top-2 cf1.25": (lambda: _moe(2, 1.25, lb_loss_weight=0.01, z_loss_weight=0.0), 2 * F),
-    "top-2 dropless": (lambda: _moe(2, 0.0, lb_loss_weight=0.01, z_loss_weight=0.0), 2 * F),
-    "sigma-moe top-2": (lambda: _moe(2, 0.0, "sigmoid", lb_loss_weight=0.0, z_loss_weight=0.0,
-                                     entropy_loss_weight=0.001), 2 * F),  # fmt: skip
-    "slicemoe top-2 cf1.25": (_slice, None),
-    "switchhead attention": (_switchhead, None),
+    "switch top-1 cf1.25": lambda: _moe(1, 1.25, lb_loss_weight=0.01, z_loss_weight=0.001),
+    "top-2 cf1.25": lambda: _moe(2, 1.25, lb_loss_weight=0.01, z_loss_weight=0.0),
+    "top-2 dropless": lambda: _moe(2, 0.0, lb_loss_weight=0.01, z_loss_weight=0.0),
+    "sigma-moe top-2": lambda: _moe(2, 0.0, "sigmoid", lb_loss_weight=0.0, z_loss_weight=0.0, entropy_loss_weight=0.001),
+    "slicemoe top-2 cf1.25": _slice,
+    "switchhead attention": _switchhead,
+    "dense": lambda: FFN(D, 2 * F, "gelu"),
 }
 
 
@@ -133,9 +133,9 @@ def _step(layer, x: torch.Tensor, count: bool = False):
 
 
 def count_ops(name: str, path: str = "cpu") -> tuple[list[str], list[str]]:
-    """(forward ops, backward ops) of one training step of LAYERS[name] ('dense' too)."""
+    """(forward ops, backward ops) of one training step of LAYERS[name]."""
     torch.manual_seed(0)
-    layer = FFN(D, 2 * F, "gelu") if name == "dense" else LAYERS[name][0]()
+    layer = LAYERS[name]()
     x = torch.randn(T, D)
     with gpu_path(path == "gpu"):
         _step(layer, x)  # first call: lazy inits
@@ -162,13 +162,13 @@ def main(argv=None) -> int:
         return 0
     print(f"torch {torch.__version__}; T={T} D={D} F={F} E={E}, float32, 1 thread")
     rows = []
-    names = list(LAYERS) + ["dense"]
+    names = list(LAYERS)
     for name in names:
         (cf, cb), (gf, gb) = count_ops(name, "cpu"), count_ops(name, "gpu")
         rows.append(dict(layer=name, cpu_fwd=len(cf), cpu_bwd=len(cb), gpu_fwd=len(gf), gpu_bwd=len(gb)))
     # Time on the path this machine runs, every layer in each round (start rotated).
     torch.manual_seed(0)
-    layers = {n: (FFN(D, 2 * F, "gelu") if n == "dense" else LAYERS[n][0]()) for n in names}
+    layers = {n: LAYERS[n]() for n in names}
     x = torch.randn(T, D)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(a.rounds + 1):
