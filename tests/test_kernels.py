@@ -148,6 +148,44 @@ def test_block_schedule_matches_reference(counts, block_m):
     assert (expert_B >= 0).sum() == sum(-(-c // block_m) for c in counts)
 
 
+def _tiles(configs, *names):
+    return sorted(tuple(c.kwargs[n] for n in names) + (c.num_warps, c.num_stages) for c in configs)
+
+
+@pytest.mark.parametrize("din, dout, kept", [
+    (1024, 64, [(64, 64, 4, 4), (64, 128, 4, 3)]),   # SwitchHead value projection, d_head 64
+    (64, 1024, 6),                                    # and its output projection: no BLOCK_K 128
+    (1024, 128, 6),                                   # MoEUT in: no BLOCK_N 256
+    (4096, 28672, 8), (14336, 4096, 8),               # Mixtral: every tile fits
+    (8, 8, [(64, 64, 4, 4), (128, 32, 4, 5)]),        # tinier than every tile: the smallest area
+])  # fmt: skip
+def test_autotune_prunes_tiles_wider_than_the_problem(din, dout, kept):
+    """The Hopper configs the autotuner compiles and times for one grouped_gemm shape; the
+    interpreter's single config never reaches the pruning, so it is called as the autotuner does."""
+    assert kgg._grouped_gemm_kernel.early_config_prune is kgg._prune_mm
+    configs = kgg.hopper_mm_configs()
+    got = kgg._prune_mm(configs, {"Din": din, "Dout": dout, "N": 12345})
+    assert all(c in configs for c in got)
+    if isinstance(kept, int):
+        assert len(got) == kept
+        bn_cap, bk_cap = triton.next_power_of_2(dout), triton.next_power_of_2(din)
+        assert got == [c for c in configs if c.kwargs["BLOCK_N"] <= bn_cap and c.kwargs["BLOCK_K"] <= bk_cap]
+    else:
+        assert _tiles(got, "BLOCK_N", "BLOCK_K") == sorted(kept)
+
+
+def test_autotune_prunes_wgrad_tiles_wider_than_the_problem():
+    assert kgg._grouped_wgrad_kernel.early_config_prune is kgg._prune_wgrad
+    configs = kgg.hopper_wgrad_configs()
+    assert kgg._prune_wgrad(configs, {"Dm": 4096, "Dn": 28672}) == configs
+    # MoEUT's w_in gradient: [1024, 128] per expert, so no 256-wide N tile
+    assert _tiles(kgg._prune_wgrad(configs, {"Dm": 1024, "Dn": 128}), "BLOCK_M", "BLOCK_N") == sorted(
+        [(128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4), (256, 128, 8, 3)]
+    )
+    # d_head 64 both ways: only the 64 x 64 tile
+    assert _tiles(kgg._prune_wgrad(configs, {"Dm": 64, "Dn": 64}), "BLOCK_M", "BLOCK_N") == [(64, 64, 4, 4)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("act", ["none", "relu", "swiglu"])
 def test_grouped_gemm_launcher_forward_and_input_grad_roles(dtype, act):
@@ -445,7 +483,7 @@ def test_expert_mlp_under_autocast_matches_loop_backend():
 
 
 @gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("act", ["swiglu", "relu"])
 def test_gpu_expert_mlp_realistic(dtype, act):
     torch.manual_seed(0)
@@ -469,7 +507,7 @@ def test_gpu_expert_mlp_realistic(dtype, act):
 
 
 @gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_gpu_grouped_mm_matches_torch_grouped_mm(dtype):
     torch.manual_seed(0)
     counts = torch.tensor([0, 700, 1, 129, 0, 2000, 64, 3], device=DEV)

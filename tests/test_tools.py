@@ -74,6 +74,35 @@ def test_bench_moe_layer_dropless_and_compiled():
     assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows)
 
 
+def test_bench_grouped_gemm_parity_check_passes_right_and_fails_wrong_results(capsys):
+    """The GPU benchmark checks each case against float32 before its times count. On CPU, in
+    bf16, the torch backend must pass and a result off by one expert's weight must fail."""
+    import torch
+
+    from moe_dist.ops import grouped_mm as ops
+
+    bench = _load_tool("bench_grouped_gemm")
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([5, 0, 17, 1])
+    x = torch.randn(23, 32, generator=g).bfloat16()
+    w = (torch.randn(4, 32, 48, generator=g) / 32**0.5).bfloat16()
+    dy = torch.randn(23, 48, generator=g).bfloat16()
+    ref = lambda a, b: ops.grouped_mm_reference(a, b, counts)  # noqa: E731
+    errs = bench.parity(lambda a, b: ops.grouped_mm(a, b, counts, "torch"), ref, [x, w], dy)
+    assert set(errs) == {"y", "d0", "d1"} and max(errs.values()) < 1e-2
+    assert bench.check("ours", errs, bench.PARITY_TOL[torch.bfloat16])
+    # expert 3's single row multiplied by expert 2's weight: a wrong group offset
+    wrong = torch.tensor([5, 0, 18, 0])
+    bad = bench.parity(lambda a, b: ops.grouped_mm(a, b, wrong, "torch"), ref, [x, w], dy)
+    assert bad["y"] > 0.05 and bad["d1"] > 0.05
+    assert not bench.check("ours", bad, bench.PARITY_TOL[torch.bfloat16])
+    # a method that raises fails its check instead of ending the run
+    boom = bench.parity(lambda a, b: a[100], ref, [x, w], dy)
+    assert not bench.check("ours", boom, 1.0)
+    out = capsys.readouterr()
+    assert out.out.count("FAILED") == 2 and "parity: IndexError" in out.err
+
+
 def test_bench_host_overhead_times_both_launch_paths():
     p = subprocess.run([sys.executable, "tools/bench_host_overhead.py", "--rounds", "1", "--calls", "3", "--tokens", "64"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)

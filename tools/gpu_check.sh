@@ -2,6 +2,7 @@
 # Everything that only a GPU can show, in stages that each fit one 10-minute call on a lent
 # single-GPU machine (no network: run tools/gpu_wheels.sh first, here, and carry .whl).
 #
+#     bash tools/gpu_check.sh quick      # the open questions, most telling first, in QUICK_BUDGET_S (480 s)
 #     bash tools/gpu_check.sh kernels    # env report, GPU kernel tests (bf16, inductor): ~7.5 min on an H100
 #     bash tools/gpu_check.sh gemm       # grouped-GEMM bench, every family (apart: both do not fit one call)
 #     bash tools/gpu_check.sh layer      # MoE layer vs DeepSpeed-MoE vs dense, profiled; quickstart on one GPU
@@ -9,12 +10,14 @@
 #     bash tools/gpu_check.sh compare    # tools/compare_models.py --scale gpu (results.md under $OUT)
 #     bash tools/gpu_check.sh suite      # the whole test suite on the GPU machine
 #
+# A session lent a GPU has 15 minutes of device time in all, and a machine's start takes 1-3
+# of them: run `quick` first, in one call (timeout_s 560); the other stages are for more time.
 # Logs and JSON go to $OUT (the device tool's folder) or ./gpu_out. Each stage prints a short
 # summary last. Expert parallelism across GPUs needs two GPUs (NCCL refuses two ranks on one
 # device), so the ep=2 NCCL run is not a stage here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: gpu_check.sh kernels|gemm|layer|compile|compare|suite}
+STAGE=${1:?usage: gpu_check.sh quick|kernels|gemm|layer|compile|compare|suite}
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda MOE_DIST_CACHE=/tmp/moe_dist_cache
@@ -51,7 +54,39 @@ run() {  # run NAME CMD...: tee to $OUT/NAME.log, remember a failure, keep going
   [ "$r" = 0 ] || rc=1
 }
 
+# step NAME CAP_S CMD...: run() under `timeout`, capped by what is left of QUICK_BUDGET_S;
+# skipped (and said so) when under 30 s are left.
+DEADLINE=$((SECONDS + ${QUICK_BUDGET_S:-480}))
+step() {
+  local name=$1 cap=$2; shift 2
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt 30 ]; then
+    echo "[$name] skipped: ${left}s of the budget left" | tee -a "$OUT/summary.txt"; return
+  fi
+  local t0=$SECONDS
+  run "$name" timeout "$((cap < left ? cap : left))" "$@"
+  echo "[$name] took $((SECONDS - t0))s" >> "$OUT/summary.txt"
+}
+
 case $STAGE in
+quick)
+  # 1. Issue 9: the layer against dense on one GPU after the host-sync removals (no Triton
+  #    compile: auto runs torch._grouped_mm). No sync at ep=1 first, then two sizes, ours
+  #    against its old synced form side by side, the large one profiled.
+  step layer_syncs 60 python3 -m pytest -q -p no:cacheprovider tests/test_moe_layer.py -k "never_syncs and torch"
+  step layer_small 60 python3 tools/bench_moe_layer.py --backends auto --synced
+  step layer_large 90 python3 tools/bench_moe_layer.py --tokens 16384 --d-model 1024 --d-expert 2048 \
+    --experts 8 --backends auto --synced --profile 5
+  # 2. Issue 5: MoEUT at T=8k, where ours lost 0.35 ms to a fixed cost: its "host us" column
+  #    says whether that is launch overhead; "first s" what a cold autotune costs. Every case
+  #    checks its parity with float32 first. Then the SwitchHead rows no run has reached.
+  step gemm_moeut 180 python3 tools/bench_grouped_gemm.py --family moeut --tokens 8192 --rep-ms 50 \
+    --json "$OUT/gemm_moeut.json"
+  step gemm_switchhead 150 python3 tools/bench_grouped_gemm.py --family switchhead --tokens 8192 --no-mlp \
+    --rep-ms 50 --json "$OUT/gemm_switchhead.json"
+  # 3. Triton's bf16 tl.dot on the compiled kernels (the interpreter gets it wrong on CPU).
+  step kernel_bf16 120 python3 -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/test_kernels.py -k "gpu_ and bfloat16"
+  ;;
 kernels)
   run kernel_tests python3 -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/test_kernels.py
   ;;
@@ -108,7 +143,7 @@ suite)
   run suite timeout 560 python3 -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests
   ;;
 *)
-  echo "unknown stage $STAGE (kernels|gemm|layer|compile|compare|suite)" >&2; exit 2 ;;
+  echo "unknown stage $STAGE (quick|kernels|gemm|layer|compile|compare|suite)" >&2; exit 2 ;;
 esac
 echo "---- summary ($STAGE)"
 cat "$OUT/summary.txt"

@@ -32,6 +32,7 @@ the kernels launch; autotuning then has a single config.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -49,29 +50,73 @@ def act_width(act: str) -> int:
     return 2 if act == "swiglu" else 1
 
 
+# Hopper (H100/H200) tiles. grouped_gemm: (BLOCK_N, BLOCK_K, warps, stages), BLOCK_M comes
+# from the schedule (64 or 128). grouped_wgrad: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
+_HOPPER_MM_TILES = [
+    (128, 64, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3), (64, 64, 4, 4),
+    (128, 128, 8, 3), (64, 128, 4, 3), (128, 32, 4, 5), (256, 32, 8, 4),
+]  # fmt: skip
+_HOPPER_WGRAD_TILES = [
+    (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+    (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+]  # fmt: skip
+
+
+def hopper_mm_configs() -> list:
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+        for bn, bk, warps, stages in _HOPPER_MM_TILES
+    ]
+
+
+def hopper_wgrad_configs() -> list:
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+        for bm, bn, bk, warps, stages in _HOPPER_WGRAD_TILES
+    ]
+
+
 def _mm_configs():
     if INTERPRET:  # the interpreter cannot benchmark: one small config
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    # Hopper (H100/H200): BLOCK_M comes from the schedule (64 or 128); tune the rest.
-    cfgs = []
-    for bn, bk, warps, stages in [
-        (128, 64, 4, 4), (128, 64, 8, 3), (256, 64, 8, 3), (64, 64, 4, 4),
-        (128, 128, 8, 3), (64, 128, 4, 3), (128, 32, 4, 5), (256, 32, 8, 4),
-    ]:  # fmt: skip
-        cfgs.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages))
-    return cfgs
+    return hopper_mm_configs()
 
 
 def _wgrad_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-    cfgs = []
-    for bm, bn, bk, warps, stages in [
-        (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-        (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-    ]:  # fmt: skip
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
-    return cfgs
+    return hopper_wgrad_configs()
+
+
+def prune_to_problem(configs: list, dims: dict[str, int]) -> list:
+    """The configs whose tiles are no wider than the problem, per block name -> dim size.
+
+    A BLOCK_N of 256 against Dout = 64 computes three quarters masked-out columns: it cannot
+    beat the 64-wide tile, yet the autotuner would compile and time it. Compiling is most of
+    a cold autotune (GPU kernel tests: 436 s on an H100, mostly compiling), so each tile
+    dropped saves a compile per autotune key. Of the 8 grouped_gemm configs, a 1024 -> 64
+    projection (SwitchHead's value projection at d_head 64) keeps 2, 64 -> 1024 keeps 6,
+    MoEUT's 1024 -> 128 keeps 6, Mixtral's all 8. A block may always be as wide as the
+    problem's next power of two, or as the smallest block any config has; where no config
+    fits every dim (a problem smaller than every tile), those of the smallest tile area stay.
+    """
+    caps = {}
+    for name, dim in dims.items():
+        smallest = min(c.kwargs[name] for c in configs)
+        caps[name] = max(triton.next_power_of_2(max(int(dim), 1)), smallest)
+    fit = [c for c in configs if all(c.kwargs[name] <= cap for name, cap in caps.items())]
+    if fit:
+        return fit
+    area = {id(c): math.prod(c.kwargs[name] for name in dims) for c in configs}
+    return [c for c in configs if area[id(c)] == min(area.values())]
+
+
+def _prune_mm(configs, named_args, **kwargs):
+    return prune_to_problem(configs, {"BLOCK_N": named_args["Dout"], "BLOCK_K": named_args["Din"]})
+
+
+def _prune_wgrad(configs, named_args, **kwargs):
+    return prune_to_problem(configs, {"BLOCK_M": named_args["Dm"], "BLOCK_N": named_args["Dn"]})
 
 
 # The d scale partials have one row per BLOCK_N tile: sized for the smallest BLOCK_N.
@@ -90,7 +135,11 @@ def _act(g, u, ACT: tl.constexpr):
     return out
 
 
-@triton.autotune(configs=_mm_configs(), key=["Din", "Dout", "BLOCK_M", "ACT_A", "EPI_ACT", "A_IDX", "C_IDX"])
+@triton.autotune(
+    configs=_mm_configs(),
+    key=["Din", "Dout", "BLOCK_M", "ACT_A", "EPI_ACT", "A_IDX", "C_IDX"],
+    prune_configs_by={"early_config_prune": _prune_mm},
+)
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, x_ptr, offs_ptr, sched_ptr, a_idx_ptr, c_idx_ptr, x_idx_ptr, scale_ptr, dscale_ptr,
@@ -184,7 +233,11 @@ def _grouped_gemm_kernel(
         tl.store(c_ptrs, acc.to(out_ty), mask=mask)
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["Dm", "Dn", "ACT_A", "A_IDX", "B_IDX"])
+@triton.autotune(
+    configs=_wgrad_configs(),
+    key=["Dm", "Dn", "ACT_A", "A_IDX", "B_IDX"],
+    prune_configs_by={"early_config_prune": _prune_wgrad},
+)
 @triton.jit
 def _grouped_wgrad_kernel(
     a_ptr, b_ptr, c_ptr, offs_ptr, a_idx_ptr, b_idx_ptr, scale_ptr,
