@@ -76,9 +76,9 @@ def _block_and_input(config, extra, dtype):
     return block, x
 
 
-def _run(block, x):
+def _run(block, x, *noise):
     xi = x.clone().requires_grad_()
-    y, auxes = block(xi)
+    y, auxes = block(xi, *noise)
     loss = y.float().square().mean() + sum(a.loss for a in auxes)
     loss.backward()
     grads = [p.grad.clone() for p in block.parameters() if p.grad is not None]
@@ -111,6 +111,43 @@ def test_dropless_routed_block_compiles_to_one_graph_with_eager_numbers(config):
         assert g.keys() == e.keys()
         for key in g:
             torch.testing.assert_close(g[key], e[key], rtol=0, atol=0)
+
+
+# Expert dropout (sigma-MoE), and expert plus cross-slice dropout (SliceMoE), dropless.
+ROUTING_NOISE = {
+    "tiny_sigma_moe": ["moe.expert_dropout=0.3"],
+    "tiny_slicemoe": ["moe.capacity_factor=0", "moe.expert_dropout=0.1", "moe.slice_dropout=0.3"],
+}
+
+
+@pytest.mark.parametrize("config", list(ROUTING_NOISE))
+def test_routing_noise_gives_eager_masks_compiled_in_one_graph(config):
+    """torch.rand draws other numbers in a compiled graph than in eager; the routing noise
+    (moe/noise.py) is a hash of the global row, so compiled blocks drop exactly the eager
+    ones. The key and first row are tensors: other depths, steps and rows reuse the graph."""
+    from moe_dist.moe.noise import noise_for, step_keys
+
+    block, x = _block_and_input(config, ROUTING_NOISE[config], torch.bfloat16)
+    noise_L2 = noise_for(step_keys(0, 3, 4), 64, torch.device("cpu"))
+    eager = _run(block, x, noise_L2[0])
+    assert not torch.equal(eager[0], _run(block, x, noise_L2[1])[0])  # another depth's masks
+    explained = torch._dynamo.explain(block)(x, noise_L2[0])
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(block, backend=counting)
+    got = _run(compiled, x, noise_L2[0])
+    for g, e in zip(got[:2] + tuple(got[2]), eager[:2] + tuple(eager[2])):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for noise_2 in (noise_L2[1], noise_for(step_keys(0, 4, 1), 96, torch.device("cpu"))[0]):
+            torch.testing.assert_close(_run(compiled, x, noise_2)[0], _run(block, x, noise_2)[0], rtol=0, atol=0)
+    assert len(graphs) == 1  # captured once, for every key and row
 
 
 # Half the assignments over capacity; SliceMoE's experts have biases, so its dropped rows

@@ -278,6 +278,34 @@ def test_training_ep2_matches_ep1(tmp_path):
         "meta.json"]
 
 
+def test_training_with_routing_dropout_at_ep2_matches_one_process(tmp_path):
+    """Expert and cross-slice dropout draw from a hash of the global row (moe/noise.py): at
+    ep=2 on 2 processes the masks, and so the losses, are one process's on the same global
+    batch. (They drew from each rank's torch stream before: an audit measured losses 3.4e-3
+    to 7.1e-3 apart after 4 steps.) Two micro-batches per step draw the same masks too, so
+    step 1 agrees; after it the runs part, as they do without dropout (by 3e-4 at step 4
+    for sigma-MoE), because the balancing losses are per micro-batch. SliceMoE with both
+    dropouts: the token MoE's expert dropout goes through the same trainer and model path
+    (its masks in a split batch: tests/test_noise.py)."""
+    common = ["model.ffn=slice_moe", "moe.num_slices=4", "moe.slice_dropout=0.3", "moe.expert_dropout=0.1",
+              "model.dropout=0", "train.eval_every=0", "checkpoint.every=0"]
+    runs = {
+        "one": (1, ["train.micro_batch_size=8"]),
+        "ep2": (2, ["train.micro_batch_size=4", "parallel.ep=2"]),
+        "accum": (1, ["train.micro_batch_size=4", "train.grad_accum_steps=2"]),
+    }
+    got = {}
+    for name, (nproc, extra) in runs.items():
+        p = torchrun(nproc, tmp_path / name, *common, *extra, steps=4)
+        assert p.returncode == 0, p.stderr[-3000:]
+        got[name] = [r for r in losses(tmp_path / name) if r[1] is not None]
+    assert [r[0] for r in got["one"]] == [1, 2, 3, 4]
+    for name, steps in (("ep2", 4), ("accum", 1)):
+        for ra, rb in zip(got["one"][:steps], got[name][:steps], strict=True):
+            for va, vb in zip(ra[1:4], rb[1:4]):  # loss, lm_loss, aux_loss
+                assert abs(va - vb) <= 1e-5 * max(1.0, abs(va)), (name, ra, rb)
+
+
 def check_traffic(ep1, ep2):
     """The traffic windows of both runs: the same per-expert counts and drops (the global batch
     is the same); at ep=2 every computed assignment crossed the rank x rank matrix once out

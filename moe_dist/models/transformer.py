@@ -13,7 +13,8 @@ A B ... A B ..., n_layers / G times. Each application returns its own routing st
 the entropy regulariser pools them per block (moe/aux.py).
 
 forward returns the logits and the list of routing auxiliaries in depth order. The model is
-single-device code: expert parallelism comes in through the dispatchers, never globals.
+single-device code: expert parallelism comes in through the dispatchers, never globals, and
+the routing noise of each depth (expert and slice dropout) as an argument of forward.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class Block(nn.Module):
         self.routed_ffn = not isinstance(self.ffn, FFN)
         self.drop = nn.Dropout(m.dropout)
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, list[MoEAux]]:
+    def forward(self, x_BSD: torch.Tensor, noise_2: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[MoEAux]]:
         # The auxiliaries are returned, not appended to a list argument: ZeRO-3's module
         # hooks hand a module copies of its list arguments.
         moe_aux: list[MoEAux] = []
@@ -102,7 +103,7 @@ class Block(nn.Module):
         x_BSD = x_BSD + self.drop(y)
         h = self.ln_ffn(x_BSD)
         if self.routed_ffn:
-            y, aux = self.ffn(x_BSD, h) if self.peri else self.ffn(h, h)
+            y, aux = self.ffn(x_BSD, h, noise_2=noise_2) if self.peri else self.ffn(h, h, noise_2=noise_2)
             moe_aux.append(aux)
         else:
             # A dense FFN has no sigmoid/softmax input: under peri-LN it reads x unnormalised.
@@ -149,7 +150,9 @@ class LM(nn.Module):
             block.attn.reset_parameters(std, std_out, gain)
             block.ffn.reset_parameters(std, std_out, gain)
 
-    def forward(self, idx_BS: torch.Tensor) -> LMOutput:
+    def forward(self, idx_BS: torch.Tensor, noise_L2: Optional[torch.Tensor] = None) -> LMOutput:
+        """noise_L2: the routing noise of each depth (moe/noise.py), from the trainer; None
+        draws expert and slice dropout from torch.rand."""
         B, S = idx_BS.shape
         x = self.embed(idx_BS)
         if self.pos is not None:
@@ -157,7 +160,7 @@ class LM(nn.Module):
         x = self.drop(x)
         moe_aux: list[MoEAux] = []
         for depth, i in enumerate(self.layer_order):
-            x, auxes = self.blocks[i](x)
+            x, auxes = self.blocks[i](x, None if noise_L2 is None else noise_L2[depth])
             for aux in auxes:
                 aux.layer, aux.block = depth, i
             moe_aux.extend(auxes)

@@ -3,8 +3,9 @@ renormalised) and sigma-MoE (sigmoid top-k, not renormalised), with shared exper
 
 Legend: B batch, S sequence, T = B*S tokens, D model dim, E experts, K top-k, N routed rows.
 
-forward(x_BSD, x_route_BSD=None) -> (y_BSD, MoEAux). The router reads x_route (MoEUT's
-peri-layernorm normalises only the router input); the experts read x.
+forward(x_BSD, x_route_BSD=None, noise_2=None) -> (y_BSD, MoEAux). The router reads x_route
+(MoEUT's peri-layernorm normalises only the router input); the experts read x. noise_2:
+expert dropout's draws as a function of the global row (moe/noise.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from moe_dist.moe.aux import MoEAux, entropy_fields, sequence_probs
 from moe_dist.moe.balance import BalanceBias
 from moe_dist.moe.dispatch import dispatch_order, expert_counts
 from moe_dist.moe.experts import GroupedExperts, autocast_input
+from moe_dist.moe.noise import SALT_EXPERT_DROPOUT, dropout_mask
 from moe_dist.moe.router import (
     RouterLinear,
     cv_squared,
@@ -63,10 +65,11 @@ class MoEFFN(nn.Module):
         if self.ep.size > 1:
             self.experts.shard(*self.ep.local_range(self.num_experts))
 
-    def route(self, x_TD: torch.Tensor, seq_len: Optional[int] = None):
+    def route(self, x_TD: torch.Tensor, seq_len: Optional[int] = None, noise_2: Optional[torch.Tensor] = None):
         """Router in float32 (autocast off), top-k, capacity. Returns (expert_TK, weight_TK,
         keep_TK, aux, counts_E), counts_E this rank's assignments per expert before drops.
-        seq_len: rows per sequence (moe.entropy_scope=sequence; default: one sequence)."""
+        seq_len: rows per sequence (moe.entropy_scope=sequence; default: one sequence).
+        noise_2: the expert dropout's (key, first global row) (moe/noise.py); None: torch.rand."""
         E, K, cfg = self.num_experts, self.top_k, self.cfg
         dtype = router_dtype(x_TD)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
@@ -74,7 +77,7 @@ class MoEFFN(nn.Module):
             logits_TE = self.router(x_TD.to(dtype))
             exclude = None
             if self.training and cfg.expert_dropout > 0:
-                exclude = torch.rand_like(logits_TE) < cfg.expert_dropout
+                exclude = dropout_mask(noise_2, logits_TE, cfg.expert_dropout, salt=SALT_EXPERT_DROPOUT)
             bias = self.balance.bias[0] if self.balance.enabled else None
             expert_TK, weight_TK, probs_TE = route_topk(logits_TE, K, self.score, bias, exclude)
             cf = cfg.capacity_factor_for(self.training)
@@ -88,12 +91,14 @@ class MoEFFN(nn.Module):
         self.balance.observe(counts_E)
         return expert_TK, weight_TK, keep_TK, aux, counts_E
 
-    def forward(self, x_BSD: torch.Tensor, x_route_BSD: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, MoEAux]:
+    def forward(
+        self, x_BSD: torch.Tensor, x_route_BSD: Optional[torch.Tensor] = None, noise_2: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, MoEAux]:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         x_route_TD = x_TD if x_route_BSD is None else x_route_BSD.reshape(B * S, D)
         timer = self.ep.timer(x_TD.device)
-        expert_TK, weight_TK, keep_TK, aux, counts_E = self.route(x_route_TD, S)
+        expert_TK, weight_TK, keep_TK, aux, counts_E = self.route(x_route_TD, S, noise_2)
         timer.lap("route")
         # 1. sort assignments by expert (moe/dispatch.py: capacity drops)  2. expert FFNs (across ranks under ep)
         # 3. scale by routing weight and scatter-add into the tokens

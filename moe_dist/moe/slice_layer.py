@@ -35,16 +35,20 @@ from moe_dist.moe.balance import BalanceBias
 from moe_dist.moe.dispatch import dispatch_order, expert_counts
 from moe_dist.moe.experts import GroupedExperts, autocast_input
 from moe_dist.moe.layer import router_dtype, routing_aux
+from moe_dist.moe.noise import SALT_EXPERT_DROPOUT, SALT_SLICE_DROPOUT, dropout_mask
 from moe_dist.moe.router import RouterLinear, route_topk
 from moe_dist.parallel.expert_parallel import ExpertParallel
 
 
-def cross_slice_dropout(weight_PK: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_slice_dropout(
+    weight_PK: torch.Tensor, rate: float, noise_2: Optional[torch.Tensor] = None, slices: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop each weight with probability `rate`, never all of a row (the top choice survives
     then); renormalise survivors to sum 1. Returns (weights, dropped mask). A row whose
     survivors' weights sum to exactly 0 (a renormalised top-k weight underflows to 0 once
-    the logit gap passes ~104 in float32) drops nothing: renormalising it would be 0/0."""
-    drop_PK = torch.rand_like(weight_PK) < rate
+    the logit gap passes ~104 in float32) drops nothing: renormalising it would be 0/0.
+    noise_2 (moe/noise.py; None: torch.rand) draws per global pair, `slices` pairs a token."""
+    drop_PK = dropout_mask(noise_2, weight_PK, rate, slices, SALT_SLICE_DROPOUT)
     all_dropped_P1 = drop_PK.all(dim=1, keepdim=True)
     first_col = torch.zeros_like(drop_PK)
     first_col[:, 0] = True
@@ -91,7 +95,9 @@ class SliceMoEFFN(nn.Module):
         if self.ep.size > 1:
             self.experts.shard(*self.ep.local_range(self.num_experts))
 
-    def forward(self, x_BSD: torch.Tensor, x_route_BSD: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, MoEAux]:
+    def forward(
+        self, x_BSD: torch.Tensor, x_route_BSD: Optional[torch.Tensor] = None, noise_2: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, MoEAux]:
         B, S, D = x_BSD.shape
         P, E, K, cfg = B * S * self.num_slices, self.num_experts, self.top_k, self.cfg
         x_PDs = x_BSD.reshape(P, self.d_slice)
@@ -100,12 +106,14 @@ class SliceMoEFFN(nn.Module):
         timer = self.ep.timer(x_BSD.device)
         with torch.autocast(device_type=x_BSD.device.type, enabled=False):
             logits_PE = self.router(route_PDs.to(dtype))
-            exclude = torch.rand_like(logits_PE) < cfg.expert_dropout if self.training and cfg.expert_dropout > 0 else None
+            exclude = None
+            if self.training and cfg.expert_dropout > 0:
+                exclude = dropout_mask(noise_2, logits_PE, cfg.expert_dropout, self.num_slices, SALT_EXPERT_DROPOUT)
             bias = self.balance.bias[0] if self.balance.enabled else None
             expert_PK, weight_PK, probs_PE = route_topk(logits_PE, K, "softmax", bias, exclude)
             slice_drop_PK = None
             if self.training and cfg.slice_dropout > 0 and K > 1:
-                weight_PK, slice_drop_PK = cross_slice_dropout(weight_PK, cfg.slice_dropout)
+                weight_PK, slice_drop_PK = cross_slice_dropout(weight_PK, cfg.slice_dropout, noise_2, self.num_slices)
             cf = cfg.capacity_factor_for(self.training)
             # A weight dropped by cross-slice dropout is not computed, so it takes no slot.
             active_PK = None if slice_drop_PK is None else ~slice_drop_PK

@@ -36,6 +36,7 @@ from moe_dist.macs import count as count_macs
 from moe_dist.models.transformer import LM, lm_loss
 from moe_dist.parallel.layout import ParallelLayout, env_from_mpi
 from moe_dist.moe.experts import expert_stacks
+from moe_dist.moe.noise import noise_for, step_keys
 from moe_dist.trainer import checkpoint as ckpt
 from moe_dist.trainer.backends import build_backend, load_scheduler
 from moe_dist.trainer.metrics import MetricsLogger
@@ -147,10 +148,11 @@ def _rng_state() -> dict[str, Any]:
 
 def _seed_forward_rng(seed: int, rank: int, step: int = 0) -> None:
     """Every rank builds the model from the same seed (identical replicas), then draws its
-    own forward randomness (dropout, expert dropout, cross-slice dropout) from a stream of
-    its own: with one seed everywhere, rank r's row i would get rank 0's row-i masks, the
-    same noise `world` times over instead of independent draws over the global batch.
-    Each rank's stream is saved in its own checkpoint extras, so resume stays exact."""
+    own forward randomness (model.dropout) from a stream of its own: with one seed
+    everywhere, rank r's row i would get rank 0's row-i masks, the same noise `world` times
+    over instead of independent draws over the global batch. Each rank's stream is saved in
+    its own checkpoint extras, so resume stays exact. (Expert and cross-slice dropout draw
+    from neither: train_step gives them a hash of the global row, moe/noise.py.)"""
     torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0]))
 
 
@@ -543,18 +545,32 @@ class Trainer:
         val_loss = self._mean_over_ranks(torch.stack(losses).mean()).item()
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
+    def _routing_noise(self, keys: Optional[list[int]], micro: int, tokens: int) -> dict[str, torch.Tensor]:
+        """The forward's noise_L2 (moe/noise.py): this step's keys, and the global index of this
+        micro-batch's first token. The step's global batch is micro-batch after micro-batch,
+        each split over the ranks in rank order (data.rank_split=batch takes rank r's rows
+        so), which makes the index, and with it every mask, the same under any layout."""
+        if keys is None:
+            return {}
+        row0 = (micro * self.layout.world_size + self.layout.rank) * tokens
+        return {"noise_L2": noise_for(keys, row0, self.device)}
+
     def train_step(self, batches) -> dict[str, Any]:
         """One optimizer step over grad_accum_steps micro-batches."""
-        accum = self.cfg.train.grad_accum_steps
+        c = self.cfg
+        accum = c.train.grad_accum_steps
         summed = None  # [lm, aux, loss] summed over the micro-batches, on the device
-        B, r = self.cfg.train.micro_batch_size, self.layout.rank
+        B, r = c.train.micro_batch_size, self.layout.rank
+        routed_dropout = c.model.ffn != "dense" and (c.moe.expert_dropout > 0 or c.moe.slice_dropout > 0)
+        keys = step_keys(c.run.seed, self.step, c.model.n_layers) if routed_dropout else None
         for i, batch in enumerate(batches):
-            if self.cfg.data.rank_split == "batch" and self.layout.distributed:
+            if c.data.rank_split == "batch" and self.layout.distributed:
                 batch = batch[r * B : (r + 1) * B]  # this rank's rows of the global batch
             batch = batch.to(self.device, non_blocking=True)
+            noise = self._routing_noise(keys, i, batch.shape[0] * (batch.shape[1] - 1))
             with self.backend.micro_batch(last=i == accum - 1):
                 with self._autocast():
-                    out = self.backend.module(batch[:, :-1])
+                    out = self.backend.module(batch[:, :-1], **noise)
                 lm = lm_loss(out.logits, batch[:, 1:])
                 aux = out.aux_loss
                 loss = lm + aux
