@@ -24,9 +24,10 @@ L2-clearing memset do_bench queues before it. The "host us" columns measure that
 alone: 20 calls queued without a sync, host time per call. "first s" is the first call:
 for ours, the autotuner compiling and timing its configs (what a cold GPU machine pays).
 
-Every case first checks what it times: ours (and the fused MLP) against the same
-computation in float32 (per-expert loop), outputs and every gradient, as a relative error
-||got - ref|| / ||ref||. Above PARITY_TOL the case is marked FAILED and the tool exits 1.
+Every case also checks what it timed (after the timing, so that "first s" stays cold): ours
+(and the fused MLP) against the same computation in float32 (per-expert loop), outputs and
+every gradient, as a relative error ||got - ref|| / ||ref||. Above PARITY_TOL the case is
+marked FAILED and the tool exits 1 after the last case.
 """
 
 from __future__ import annotations
@@ -167,8 +168,8 @@ def bench_gemm(ops, x_ND, w_GIO, counts_G, rep_ms: int) -> dict:
 def bench_mlp(ops, x_TD, w_in, w_out, counts_G, slot_N, K, weight_N, act, rep_ms: int) -> dict:
     """The routed MLP with dispatch and combine: fused triton vs the unfused torch path."""
     dy = torch.randn_like(x_TD)
-    out = {}
     leaves = [t.detach().requires_grad_() for t in (x_TD, w_in, w_out, weight_N)]
+    out = {}
     for name in ("triton", "torch"):
 
         def fwd():
