@@ -1,12 +1,71 @@
-"""Run a test function in N gloo processes on CPU (free port, no fixed 29500)."""
+"""Run a test function, or `python -m moe_dist.train`, in N gloo processes on CPU (free port,
+no fixed 29500).
 
+Processes come from one forkserver per test session that has imported torch, DeepSpeed and
+moe_dist once. Spawning a fresh interpreter per rank costs ~3.4 s of imports on the 2-core CI
+machine (4.4 s with DeepSpeed): that was most of the suite's time. A forked child is a fresh
+process in every other way: its own pid, environment, working directory and output files.
+The launchers themselves (torchrun, deepspeed, mpirun, srun) are tested for real in
+test_launch.py.
+"""
+
+import contextlib
+import multiprocessing
+import multiprocessing.forkserver
 import os
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
+import time
 import traceback
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Imported once in the forkserver. torch._dynamo (and with it triton, compiled) is among them:
+# constructing any torch optimizer imports it, 2.1 s of every training process here.
+_PRELOAD = [
+    "torch", "torch._dynamo", "torch.distributed", "torch.distributed.checkpoint", "numpy", "yaml", "deepspeed",
+    "torch.utils.tensorboard", "webdataset", "torchdata.stateful_dataloader", "tokenizers",
+    "moe_dist.train", "moe_dist.trainer.trainer", "moe_dist.trainer.deepspeed_backend", "dist_utils",
+]  # fmt: skip
+# Read by those modules when imported, so a child cannot change them: TRITON_INTERPRET=1
+# would still find triton compiled. A test that needs one set must start a real subprocess.
+_READ_AT_IMPORT = ("TRITON_", "TORCHDYNAMO_", "TORCHINDUCTOR_", "TORCH_COMPILE_", "DS_BUILD_", "OMP_NUM_THREADS")
+_SERVER_ENV: dict = {}  # those of them the server started with
+
+
+def _context():
+    """The session's forkserver context, started with OMP_NUM_THREADS=1: libgomp reads it
+    when torch is loaded, in the server, and every rank here runs one thread (as torchrun
+    sets for nproc > 1). The test process's own environment is left as it was."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        if not _SERVER_ENV:  # the server starts once; OMP_NUM_THREADS makes this non-empty
+            _SERVER_ENV.update({k: v for k, v in os.environ.items() if k.startswith(_READ_AT_IMPORT)})
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        if old is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    return ctx
+
+
+def _check_env(env: dict) -> None:
+    for k in sorted(set(env) | set(_SERVER_ENV)):
+        if k.startswith(_READ_AT_IMPORT) and env.get(k) != _SERVER_ENV.get(k) and k != "OMP_NUM_THREADS":
+            raise AssertionError(
+                f"{k}={env.get(k)!r}, but the forked ranks imported torch, triton and DeepSpeed under "
+                f"{k}={_SERVER_ENV.get(k)!r} (tests/dist_utils.py): run this test in a subprocess"
+            )
 
 
 def free_port() -> int:
@@ -22,8 +81,9 @@ def _report(errors, rank: int, what: str) -> None:
     errors.put(f"rank {rank}{what}:\n{traceback.format_exc()[-16000:]}")
 
 
-def _worker(rank, world, port, fn, args, errors):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+def _worker(rank, world, port, fn, args, errors, env):
+    os.environ.clear()  # the test process's environment now, as a spawned child would see it
+    os.environ.update(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     import torch
 
     torch.set_num_threads(1)
@@ -55,10 +115,95 @@ def _worker(rank, world, port, fn, args, errors):
 
 def run_distributed(fn, world: int, *args) -> None:
     """Run fn(rank, world, *args) on `world` processes; re-raise the first failure."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
+    _check_env(dict(os.environ))
     errors = ctx.SimpleQueue()
     try:
-        mp.start_processes(_worker, args=(world, free_port(), fn, args, errors), nprocs=world, start_method="spawn")
+        mp.start_processes(
+            _worker, args=(world, free_port(), fn, args, errors, dict(os.environ)), nprocs=world, start_method="forkserver"
+        )
     except Exception as e:
         msg = errors.get() if not errors.empty() else str(e)
         raise AssertionError(msg) from None
+
+
+def _train_rank(argv, env, cwd, out_path, err_path):
+    """One rank of `python -m moe_dist.train argv`: its module's __main__ block, here."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out_path), (2, err_path)):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(f, fd)
+        os.close(f)
+    import torch
+
+    from moe_dist import train
+
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS") or 1))
+    sys.argv = ["moe_dist.train", *argv]
+    try:
+        rc = train.main(argv)
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        rc = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)  # as moe_dist/train.py ends
+
+
+def run_train(nproc, argv, *, env=None, cwd=REPO, timeout=600, distributed=True) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node nproc -m moe_dist.train argv` (or, distributed=False, a plain
+    `python -m moe_dist.train argv`), as the launcher runs it: the env:// variables set per
+    rank, and the first rank to fail ends the others (SIGTERM, then SIGKILL after 10 s), as
+    torchrun's agent does. stdout and stderr are the ranks' outputs in rank order; the
+    returncode is 0, or the first failed rank's (a signal as its negative number)."""
+    assert distributed or nproc == 1
+    base = dict(os.environ if env is None else env)
+    port = str(free_port())
+    ctx = _context()
+    _check_env(base)
+    with tempfile.TemporaryDirectory(prefix="moe_dist_run_") as tmp:
+        procs, paths = [], []
+        for rank in range(nproc):
+            e = dict(base)
+            if distributed:
+                e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                         GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
+            paths.append((os.path.join(tmp, f"{rank}.out"), os.path.join(tmp, f"{rank}.err")))
+            p = ctx.Process(target=_train_rank, args=(list(argv), e, cwd, *paths[-1]))
+            p.start()
+            procs.append(p)
+        deadline, failed, timed_out = time.monotonic() + timeout, None, False
+        while any(p.exitcode is None for p in procs):
+            failed = next((p for p in procs if p.exitcode not in (None, 0)), None)
+            timed_out = time.monotonic() > deadline
+            if failed is not None or timed_out:
+                _stop(procs)
+                break
+            time.sleep(0.05)
+        for p in procs:
+            p.join()
+        if timed_out:
+            raise subprocess.TimeoutExpired(argv, timeout)
+        failed = failed or next((p for p in procs if p.exitcode != 0), None)
+        read = lambda path: open(path, errors="replace").read() if os.path.exists(path) else ""
+        return subprocess.CompletedProcess(
+            argv, 0 if failed is None else failed.exitcode,
+            "".join(read(out) for out, _ in paths), "".join(read(err) for _, err in paths),
+        )  # fmt: skip
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        if p.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGTERM)
+    end = time.monotonic() + 10
+    while time.monotonic() < end and any(p.exitcode is None for p in procs):
+        time.sleep(0.05)
+    for p in procs:
+        if p.exitcode is None:
+            p.kill()

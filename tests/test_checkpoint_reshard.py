@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO, TINY
-from dist_utils import free_port
+from dist_utils import run_train
 from moe_dist.config import load_config
 from moe_dist.models.transformer import LM
 from moe_dist.parallel.layout import ParallelLayout
@@ -32,10 +32,8 @@ SKIP = WALL_CLOCK_FIELDS
 
 
 def torchrun(nproc, run_dir, *overrides, env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), "-m", "moe_dist.train", *BASE, f"run.dir={run_dir}", *overrides]
-    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
+    """What `torchrun --nproc_per_node nproc -m moe_dist.train ...` does (dist_utils.run_train)."""
+    return run_train(nproc, [*BASE, f"run.dir={run_dir}", *overrides], env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
 
 
 def rows(run_dir, after=0):

@@ -3,14 +3,12 @@ process on the same global batch (outputs, losses, statistics, every gradient)."
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, TINY, HostReads
-from dist_utils import free_port, run_distributed
+from conftest import TINY, HostReads
+from dist_utils import run_distributed, run_train
 from moe_dist.config import AttentionConfig, MoEConfig
 from moe_dist.models.switchhead import SwitchHeadAttention
 from moe_dist.moe.aux import total_aux_loss
@@ -246,10 +244,7 @@ def torchrun(nproc, run_dir, *overrides, steps=10):
         "data.rank_split=batch", "moe.capacity_factor=1.0", "model.attention=switchhead", "model.n_heads=2",
         "attention.num_experts=3", *overrides,
     ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           "-m", "moe_dist.train", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return run_train(nproc, args, env=dict(os.environ, OMP_NUM_THREADS="1"))  # as torchrun runs it
 
 
 def losses(run_dir):
@@ -332,7 +327,7 @@ def check_traffic(ep1, ep2):
             assert per_step * 5 == pytest.approx(sum(kept.histogram_value.bucket) * (w_in + w_out) * 4, rel=1e-12), label
 
 
-def test_torchrun_four_processes_trains_and_resumes(tmp_path):
+def test_four_processes_train_and_resume(tmp_path):
     run = tmp_path / "ep4"
     p = torchrun(4, run, "parallel.ep=4", "train.micro_batch_size=2", "data.rank_split=shards", steps=6)
     assert p.returncode == 0, p.stderr[-3000:]

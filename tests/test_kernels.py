@@ -46,6 +46,18 @@ if INTERPRET and not STALE_TRITON and not kgg.INTERPRET:  # our module imported 
     kgg, ksched = importlib.reload(kgg), importlib.reload(ksched)
 assert STALE_TRITON or kgg.INTERPRET == INTERPRET
 
+
+def _restore_env():
+    if _ENV_BEFORE is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _ENV_BEFORE
+
+
+# Imported: hand the variable back until this module's tests run (interpreter_env), so the
+# files collected with this one do not run, or start processes, under it.
+_restore_env()
+
 DEV = "cpu" if INTERPRET else "cuda"
 gpu = pytest.mark.skipif(INTERPRET, reason="needs CUDA (compiled kernels)")
 TOL = {
@@ -62,10 +74,7 @@ def interpreter_env():
     if INTERPRET:
         os.environ["TRITON_INTERPRET"] = "1"
     yield
-    if _ENV_BEFORE is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _ENV_BEFORE
+    _restore_env()
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO, TINY, HostReads, copy_with_corrupt_shard
+from dist_utils import run_train
 from moe_dist.config import load_config
 from moe_dist.errors import CheckpointError
 from moe_dist.train import main
@@ -83,9 +84,8 @@ def run_cli(run_dir, *extra, fault=None, steps=16):
         f"run.dir={run_dir}", f"train.max_steps={steps}", "train.eval_every=6", "checkpoint.every=4",
         "checkpoint.keep_last=0", "model.dropout=0.1", "train.resume=auto", *extra,
     ]
-    return subprocess.run(
-        [sys.executable, "-m", "moe_dist.train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
+    # `python -m moe_dist.train args`, forked from the session's preloaded server (dist_utils).
+    return run_train(1, args, env=env, timeout=300, distributed=False)
 
 
 def test_exact_resume_after_sigkill(tmp_path):

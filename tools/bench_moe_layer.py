@@ -51,6 +51,7 @@ from moe_dist.moe.layer import MoEFFN
 from moe_dist.ops.grouped_mm import _resolve
 from moe_dist.parallel.expert_parallel import ExpertParallel
 from moe_dist.parallel.layout import ParallelLayout, init_single_process_group
+from moe_dist.trainer.deepspeed_backend import skip_cpu_shm_comm_build
 
 
 def deepspeed_moe(d: int, d_expert: int, experts: int, k: int, ep: int, cf: float) -> nn.Module:
@@ -182,6 +183,8 @@ def main() -> None:
         torch.cuda.set_device(device)
     if world == 1:  # plain `python`: an in-memory one-rank group, so DeepSpeed does not look for MPI
         init_single_process_group(device.type, timeout_s=600)
+    if not cuda:
+        skip_cpu_shm_comm_build()  # a ~70 s compile of an op the MoE layer never uses
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # DeepSpeed needs its comm
     rank = dist.get_rank()
     layout = ParallelLayout.build(rank, world, 0, ep=world)

@@ -200,6 +200,20 @@ def _hide_expert_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return hidden
 
 
+def skip_cpu_shm_comm_build() -> None:
+    """Mark DeepSpeed's CPU shared-memory all-reduce op unavailable, so its comm backend
+    does not JIT-compile it (g++ and ninja; ~70 s cold on the 2-core CI machine, once per
+    TORCH_EXTENSIONS_DIR) when deepspeed.initialize starts it. The op serves only
+    inference_all_reduce, which training never calls; our collectives go through
+    torch.distributed either way. deepspeed.ops keeps this dict so that edits persist."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def deepspeed_config(cfg: Config, world_size: int, bf16: bool) -> dict[str, Any]:
     """The config handed to deepspeed.initialize, checked before any data or model work."""
     if cfg.deepspeed.zero_stage == 0 and bf16:
@@ -232,6 +246,8 @@ class DeepSpeedBackend:
             raise LaunchError(f"train.backend=deepspeed but DeepSpeed cannot be imported: {e}") from None
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
+        if device.type == "cpu":
+            skip_cpu_shm_comm_build()
         self.model, self.cfg, self.layout = model, cfg, layout
         self.stage = cfg.deepspeed.zero_stage
         if not dist.is_initialized():  # one process: DeepSpeed still wants a process group

@@ -1,0 +1,37 @@
+"""The test harness's launcher (dist_utils.run_train) behaves as torchrun does where the
+tests rely on it: the exit code and rank 0's output come back, the first failure ends the
+job, and it refuses an environment its preloaded ranks cannot honour."""
+
+import os
+import time
+
+import pytest
+
+from conftest import TINY
+from dist_utils import run_train
+
+ARGS = TINY + ["train.max_steps=4", "train.eval_every=0", "checkpoint.every=0", "checkpoint.save_final=false",
+               "data.rank_split=batch", "parallel.ep=2"]  # fmt: skip
+
+
+def test_a_hung_rank_is_stopped_when_another_fails(tmp_path):
+    """Rank 1 hangs forever after step 2; rank 0's collective times out (5 s) and it exits 3.
+    run_train must then stop rank 1, as torchrun's agent does, and report rank 0's code."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MOE_DIST_FAULT="hang_rank:1:2")
+    t0 = time.monotonic()
+    p = run_train(2, [*ARGS, f"run.dir={tmp_path}", "parallel.timeout_s=5"], env=env, timeout=120)
+    assert p.returncode == 3, (p.stdout[-2000:], p.stderr[-3000:])
+    assert "error: rank 0: a collective failed at step 3; another rank died or hangs" in p.stderr
+    assert time.monotonic() - t0 < 60
+
+
+def test_a_finished_run_returns_0_and_rank0s_report(tmp_path):
+    p = run_train(2, [*ARGS, f"run.dir={tmp_path}"], env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.rstrip().splitlines()[-4] == "done: step 4"  # rank 0 prints it, rank 1 adds nothing
+
+
+def test_an_environment_read_at_import_is_refused():
+    with pytest.raises(AssertionError, match=r"TRITON_INTERPRET='1', but the forked ranks imported .* under "
+                       r"TRITON_INTERPRET=None .*run this test in a subprocess"):  # fmt: skip
+        run_train(1, ["train.max_steps=1"], env=dict(os.environ, TRITON_INTERPRET="1"))
