@@ -5,8 +5,8 @@ Processes come from one forkserver per test session that has imported torch, Dee
 moe_dist once. Spawning a fresh interpreter per rank costs ~3.4 s of imports on the 2-core CI
 machine (4.4 s with DeepSpeed): that was most of the suite's time. A forked child is a fresh
 process in every other way: its own pid, environment, working directory and output files.
-The launchers themselves (torchrun, deepspeed, mpirun, srun) are tested for real in
-test_launch.py.
+The launch scripts themselves (launch/torchrun.sh, mpirun.sh, deepspeed.sh) are tested for
+real in test_launch.py.
 """
 
 import contextlib
@@ -159,7 +159,8 @@ def run_train(nproc, argv, *, env=None, cwd=REPO, timeout=600, distributed=True)
     `python -m moe_dist.train argv`), as the launcher runs it: the env:// variables set per
     rank, and the first rank to fail ends the others (SIGTERM, then SIGKILL after 10 s), as
     torchrun's agent does. stdout and stderr are the ranks' outputs in rank order; the
-    returncode is 0, or the first failed rank's (a signal as its negative number)."""
+    returncode is 0, or that of the lowest rank found failed when the job was stopped (a
+    signal as its negative number)."""
     assert distributed or nproc == 1
     base = dict(os.environ if env is None else env)
     port = str(free_port())
