@@ -5,11 +5,15 @@ Processes come from one forkserver per test session that has imported torch, Dee
 moe_dist once. Spawning a fresh interpreter per rank costs ~3.4 s of imports on the 2-core CI
 machine (4.4 s with DeepSpeed): that was most of the suite's time. A forked child is a fresh
 process in every other way: its own pid, environment, working directory and output files.
-The launch scripts themselves (launch/torchrun.sh, mpirun.sh, deepspeed.sh) are tested for
+It is not fresh in what the server set up at import: Python's string-hash seed is the
+server's for every rank, where torchrun gives each its own. The ranks run on CPU (gloo),
+on a GPU machine too: the server starts with CUDA hidden, so CUDA is never initialised
+before a fork. The launch scripts themselves (launch/torchrun.sh, mpirun.sh, deepspeed.sh) are tested for
 real in test_launch.py.
 """
 
 import contextlib
+import ctypes
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -35,27 +39,32 @@ _PRELOAD = [
 ]  # fmt: skip
 # Read by those modules when imported, so a child cannot change them: TRITON_INTERPRET=1
 # would still find triton compiled. A test that needs one set must start a real subprocess.
-_READ_AT_IMPORT = ("TRITON_", "TORCHDYNAMO_", "TORCHINDUCTOR_", "TORCH_COMPILE_", "DS_BUILD_", "OMP_NUM_THREADS")
-_SERVER_ENV: dict = {}  # those of them the server started with
+_READ_AT_IMPORT = ("TRITON_", "TORCHDYNAMO_", "TORCHINDUCTOR_", "TORCH_COMPILE_", "TORCH_LOGS", "TORCH_CPP_LOG_LEVEL",
+                   "DS_BUILD_", "PYTHONHASHSEED", "OMP_NUM_THREADS")  # fmt: skip
+# Set for the server and every rank: CPU ranks (importing DeepSpeed asks CUDA for devices,
+# which would make later forks unsafe; DeepSpeed caches its accelerator at import).
+_CPU_ONLY = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+_SERVER_ENV: dict = {}  # the _READ_AT_IMPORT variables the server started with
 
 
 def _context():
-    """The session's forkserver context, started with OMP_NUM_THREADS=1: libgomp reads it
-    when torch is loaded, in the server, and every rank here runs one thread (as torchrun
-    sets for nproc > 1). The test process's own environment is left as it was."""
+    """The session's forkserver context, started under _CPU_ONLY. OMP_NUM_THREADS=1: libgomp
+    reads it when torch is loaded, in the server, and every rank here runs one thread (as
+    torchrun sets for nproc > 1). The test process's own environment is left as it was."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
+    old = {k: os.environ.get(k) for k in _CPU_ONLY}
+    os.environ.update(_CPU_ONLY)
     try:
         if not _SERVER_ENV:  # the server starts once; OMP_NUM_THREADS makes this non-empty
             _SERVER_ENV.update({k: v for k, v in os.environ.items() if k.startswith(_READ_AT_IMPORT)})
         multiprocessing.forkserver.ensure_running()
     finally:
-        if old is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
+        for k, v in old.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
     return ctx
 
 
@@ -82,8 +91,10 @@ def _report(errors, rank: int, what: str) -> None:
 
 
 def _worker(rank, world, port, fn, args, errors, env):
+    _die_with_server()
     os.environ.clear()  # the test process's environment now, as a spawned child would see it
     os.environ.update(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(_CPU_ONLY)
     import torch
 
     torch.set_num_threads(1)
@@ -127,11 +138,20 @@ def run_distributed(fn, world: int, *args) -> None:
         raise AssertionError(msg) from None
 
 
+def _die_with_server() -> None:
+    """SIGKILL this rank when the forkserver exits (it exits with the test process): a rank
+    whose test was interrupted must not train on as an orphan."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+
+
 def _train_rank(argv, env, cwd, out_path, err_path):
     """One rank of `python -m moe_dist.train argv`: its module's __main__ block, here."""
+    _die_with_server()
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
+    os.environ.update(_CPU_ONLY)
     for fd, path in ((1, out_path), (2, err_path)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(f, fd)
@@ -168,25 +188,25 @@ def run_train(nproc, argv, *, env=None, cwd=REPO, timeout=600, distributed=True)
     _check_env(base)
     with tempfile.TemporaryDirectory(prefix="moe_dist_run_") as tmp:
         procs, paths = [], []
-        for rank in range(nproc):
-            e = dict(base)
-            if distributed:
-                e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
-                         GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
-            paths.append((os.path.join(tmp, f"{rank}.out"), os.path.join(tmp, f"{rank}.err")))
-            p = ctx.Process(target=_train_rank, args=(list(argv), e, cwd, *paths[-1]))
-            p.start()
-            procs.append(p)
-        deadline, failed, timed_out = time.monotonic() + timeout, None, False
-        while any(p.exitcode is None for p in procs):
-            failed = next((p for p in procs if p.exitcode not in (None, 0)), None)
-            timed_out = time.monotonic() > deadline
-            if failed is not None or timed_out:
-                _stop(procs)
-                break
-            time.sleep(0.05)
-        for p in procs:
-            p.join()
+        try:
+            for rank in range(nproc):
+                e = dict(base)
+                if distributed:
+                    e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                             GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
+                paths.append((os.path.join(tmp, f"{rank}.out"), os.path.join(tmp, f"{rank}.err")))
+                p = ctx.Process(target=_train_rank, args=(list(argv), e, cwd, *paths[-1]))
+                p.start()
+                procs.append(p)
+            deadline, failed, timed_out = time.monotonic() + timeout, None, False
+            while any(p.exitcode is None for p in procs):
+                failed = next((p for p in procs if p.exitcode not in (None, 0)), None)
+                timed_out = time.monotonic() > deadline
+                if failed is not None or timed_out:
+                    break
+                time.sleep(0.05)
+        finally:  # a failure, a timeout, or the test itself interrupted: no rank outlives it
+            _stop(procs)
         if timed_out:
             raise subprocess.TimeoutExpired(argv, timeout)
         failed = failed or next((p for p in procs if p.exitcode != 0), None)
@@ -198,6 +218,7 @@ def run_train(nproc, argv, *, env=None, cwd=REPO, timeout=600, distributed=True)
 
 
 def _stop(procs) -> None:
+    """SIGTERM the running ranks, SIGKILL those still running 10 s later, reap them all."""
     for p in procs:
         if p.exitcode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -208,3 +229,4 @@ def _stop(procs) -> None:
     for p in procs:
         if p.exitcode is None:
             p.kill()
+        p.join()

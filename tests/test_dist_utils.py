@@ -3,11 +3,13 @@ tests rely on it: the exit code and rank 0's output come back, the first failure
 job, and it refuses an environment its preloaded ranks cannot honour."""
 
 import os
+import re
 import time
 
 import pytest
 
 from conftest import TINY
+import dist_utils
 from dist_utils import run_train
 
 ARGS = TINY + ["train.max_steps=4", "train.eval_every=0", "checkpoint.every=0", "checkpoint.save_final=false",
@@ -20,6 +22,7 @@ def test_a_hung_rank_is_stopped_when_another_fails(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MOE_DIST_FAULT="hang_rank:1:2")
     t0 = time.monotonic()
     p = run_train(2, [*ARGS, f"run.dir={tmp_path}", "parallel.timeout_s=5"], env=env, timeout=120)
+    # The failed rank's own code (torchrun itself would exit 1): the peer-failure exit of train.py.
     assert p.returncode == 3, (p.stdout[-2000:], p.stderr[-3000:])
     assert "error: rank 0: a collective failed at step 3; another rank died or hangs" in p.stderr
     assert time.monotonic() - t0 < 60
@@ -32,6 +35,10 @@ def test_a_finished_run_returns_0_and_rank0s_report(tmp_path):
 
 
 def test_an_environment_read_at_import_is_refused():
-    with pytest.raises(AssertionError, match=r"TRITON_INTERPRET='1', but the forked ranks imported .* under "
-                       r"TRITON_INTERPRET=None .*run this test in a subprocess"):  # fmt: skip
-        run_train(1, ["train.max_steps=1"], env=dict(os.environ, TRITON_INTERPRET="1"))
+    run_train(1, ["--help"])  # the server is up, and its environment recorded
+    server = dist_utils._SERVER_ENV.get("TRITON_INTERPRET")
+    other = "0" if server == "1" else "1"
+    with pytest.raises(AssertionError, match=re.escape(
+            f"TRITON_INTERPRET={other!r}, but the forked ranks imported torch, triton and DeepSpeed under "
+            f"TRITON_INTERPRET={server!r} (tests/dist_utils.py): run this test in a subprocess")):  # fmt: skip
+        run_train(1, ["train.max_steps=1"], env=dict(os.environ, TRITON_INTERPRET=other))
