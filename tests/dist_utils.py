@@ -37,27 +37,31 @@ _PRELOAD = [
     "torch.utils.tensorboard", "webdataset", "torchdata.stateful_dataloader", "tokenizers",
     "moe_dist.train", "moe_dist.trainer.trainer", "moe_dist.trainer.deepspeed_backend", "dist_utils",
 ]  # fmt: skip
-# Read by those modules when imported, so a child cannot change them: TRITON_INTERPRET=1
+# Read when the server starts or imports, so a child cannot change them: TRITON_INTERPRET=1
 # would still find triton compiled. A test that needs one set must start a real subprocess.
-_READ_AT_IMPORT = ("TRITON_", "TORCHDYNAMO_", "TORCHINDUCTOR_", "TORCH_COMPILE_", "TORCH_LOGS", "TORCH_CPP_LOG_LEVEL",
-                   "DS_BUILD_", "PYTHONHASHSEED", "OMP_NUM_THREADS")  # fmt: skip
-# Set for the server and every rank: CPU ranks (importing DeepSpeed asks CUDA for devices,
-# which would make later forks unsafe; DeepSpeed caches its accelerator at import).
+# Names, not prefixes like TRITON_ or TORCHINDUCTOR_: torch itself writes variables of those
+# (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR, ...) into os.environ when it first compiles,
+# for its workers to read at run time, which a forked rank does as well.
+_READ_AT_IMPORT = ("TRITON_INTERPRET", "TORCHDYNAMO_", "TORCH_LOGS", "TORCH_CPP_LOG_LEVEL", "PYTHONHASHSEED")
+# Set for the server and every rank, whatever the test passes: one-thread CPU ranks
+# (importing DeepSpeed asks CUDA for devices, which would make later forks unsafe; DeepSpeed
+# caches its accelerator at import).
 _CPU_ONLY = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
-_SERVER_ENV: dict = {}  # the _READ_AT_IMPORT variables the server started with
+_SERVER_ENV: dict | None = None  # the _READ_AT_IMPORT variables the server started with
 
 
 def _context():
     """The session's forkserver context, started under _CPU_ONLY. OMP_NUM_THREADS=1: libgomp
     reads it when torch is loaded, in the server, and every rank here runs one thread (as
     torchrun sets for nproc > 1). The test process's own environment is left as it was."""
+    global _SERVER_ENV
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     old = {k: os.environ.get(k) for k in _CPU_ONLY}
     os.environ.update(_CPU_ONLY)
     try:
-        if not _SERVER_ENV:  # the server starts once; OMP_NUM_THREADS makes this non-empty
-            _SERVER_ENV.update({k: v for k, v in os.environ.items() if k.startswith(_READ_AT_IMPORT)})
+        if _SERVER_ENV is None:  # the server starts once, on the first call
+            _SERVER_ENV = {k: v for k, v in os.environ.items() if k.startswith(_READ_AT_IMPORT)}
         multiprocessing.forkserver.ensure_running()
     finally:
         for k, v in old.items():
@@ -70,7 +74,7 @@ def _context():
 
 def _check_env(env: dict) -> None:
     for k in sorted(set(env) | set(_SERVER_ENV)):
-        if k.startswith(_READ_AT_IMPORT) and env.get(k) != _SERVER_ENV.get(k) and k != "OMP_NUM_THREADS":
+        if k.startswith(_READ_AT_IMPORT) and env.get(k) != _SERVER_ENV.get(k):
             raise AssertionError(
                 f"{k}={env.get(k)!r}, but the forked ranks imported torch, triton and DeepSpeed under "
                 f"{k}={_SERVER_ENV.get(k)!r} (tests/dist_utils.py): run this test in a subprocess"
@@ -160,7 +164,7 @@ def _train_rank(argv, env, cwd, out_path, err_path):
 
     from moe_dist import train
 
-    torch.set_num_threads(int(env.get("OMP_NUM_THREADS") or 1))
+    torch.set_num_threads(1)  # _CPU_ONLY's OMP_NUM_THREADS, as in _worker
     sys.argv = ["moe_dist.train", *argv]
     try:
         rc = train.main(argv)

@@ -28,7 +28,7 @@ FIELDS = ("loss", "lm_loss", "aux_loss", "val_loss", "grad_norm")
 
 def torchrun(nproc, run_dir, *overrides, env=None):
     """What `torchrun --nproc_per_node nproc -m moe_dist.train ...` does (dist_utils.run_train)."""
-    return run_train(nproc, [*BASE, f"run.dir={run_dir}", *overrides], env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+    return run_train(nproc, [*BASE, f"run.dir={run_dir}", *overrides], env=dict(os.environ, **(env or {})))
 
 
 def rows(run_dir):

@@ -33,7 +33,7 @@ SKIP = WALL_CLOCK_FIELDS
 
 def torchrun(nproc, run_dir, *overrides, env=None):
     """What `torchrun --nproc_per_node nproc -m moe_dist.train ...` does (dist_utils.run_train)."""
-    return run_train(nproc, [*BASE, f"run.dir={run_dir}", *overrides], env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+    return run_train(nproc, [*BASE, f"run.dir={run_dir}", *overrides], env=dict(os.environ, **(env or {})))
 
 
 def rows(run_dir, after=0):

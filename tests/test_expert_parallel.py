@@ -244,7 +244,7 @@ def torchrun(nproc, run_dir, *overrides, steps=10):
         "data.rank_split=batch", "moe.capacity_factor=1.0", "model.attention=switchhead", "model.n_heads=2",
         "attention.num_experts=3", *overrides,
     ]
-    return run_train(nproc, args, env=dict(os.environ, OMP_NUM_THREADS="1"))  # as torchrun runs it
+    return run_train(nproc, args)  # as torchrun runs it
 
 
 def losses(run_dir):
