@@ -331,6 +331,10 @@ class TrainConfig:
     Phase timing (logging.expert_timing) is off under compile."""
     compile_backend: str = "inductor"
     """torch.compile backend for train.compile (a name from torch._dynamo.list_backends)."""
+    activation_checkpoint: Literal["none", "full"] = "none"
+    """full = every block application keeps only its input for the backward, which runs its
+    forward again (all-to-alls included): less activation memory for about one more forward
+    of compute (moe/recompute.py). Any backend; may change across a resume."""
 
     def validate(self) -> None:
         _require(self.max_steps >= 1, "train.max_steps", "must be >= 1")

@@ -66,6 +66,10 @@ BACKENDS = {
     "fsdp2_compiled": ["train.backend=torch", "train.fsdp=true", "train.compile=true", "train.compile_backend=aot_eager"],
     **{f"zero{s}": ["train.backend=deepspeed", f"deepspeed.zero_stage={s}"] for s in range(4)},
 }
+# Activation checkpointing under the sharding backends: FSDP2's and ZeRO-3's parameter
+# gathers run again in the recompute (moe/recompute.py).
+RECOMPUTE = ["train.activation_checkpoint=full"]
+BACKENDS.update({f"{b}_recompute": BACKENDS[b] + RECOMPUTE for b in ("fsdp2", "zero3")})
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
@@ -80,12 +84,13 @@ def test_backends_match_one_process(backend, one_process, tmp_path):
             assert "train.compile: 2 block(s) compiled with aot_eager" in p.stdout
         assert ("torch: FSDP2 over 2 ranks; dense parameters sharded: 12576 of 25152 elements on rank 0; "
                 "expert shard of 12288 elements (ep=2)") in p.stdout
-    elif backend == "zero3":
+    elif backend.startswith("zero3"):
         # Half of the 25,152 dense elements on rank 0; its 12,288-element expert shard whole.
         assert ("deepspeed: ZeRO stage 3, fp32, world 2; dense parameters partitioned: 12576 of 25152 elements "
                 "on rank 0; expert shard of 12288 elements (ep=2, outside ZeRO") in p.stdout
     else:
-        assert f"ZeRO stage {backend[-1]}" in p.stdout and "(ep=2, DeepSpeed expert parameters)" in p.stdout
+        assert f"ZeRO stage {backend[4]}" in p.stdout and "(ep=2, DeepSpeed expert parameters)" in p.stdout
+    assert ("train.activation_checkpoint=full" in p.stdout) == backend.endswith("_recompute")
     if backend.startswith("zero"):  # DeepSpeed's CPU shm all-reduce op was neither built nor loaded
         assert "shm_comm" not in p.stdout + p.stderr
 

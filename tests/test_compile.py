@@ -299,3 +299,45 @@ def test_train_compile_config_errors_name_the_key():
         load_config(None, TINY + ["train.compile=true", "train.backend=deepspeed"])
     with pytest.raises(ConfigError, match=r"train.compile_backend: 'inductr' is not a torch.compile backend"):
         load_config(None, TINY + ["train.compile=true", "train.compile_backend=inductr"])
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_compiled_block_under_activation_checkpointing_gives_eager_numbers(balance):
+    """A compiled block run through checkpoint_block (train.activation_checkpoint=full, as
+    LM.forward calls it): outputs, gradients and balancing counts bit for bit those of the
+    eager block without checkpointing, expert dropout's masks included. The recompute
+    re-enters the compiled graph; with aux-loss-free balancing on, the graph reads whether
+    it is a recompute (BalanceBias.observe), and dynamo captures one more graph for it."""
+    from moe_dist.moe.balance import BalanceBias
+    from moe_dist.moe.noise import noise_for, step_keys
+    from moe_dist.moe.recompute import checkpoint_block
+
+    extra = ["moe.expert_dropout=0.3"] + (["moe.bias_update_rate=0.01"] if balance else [])
+    block, x = _block_and_input("tiny_sigma_moe", extra, torch.bfloat16)
+    noise_2 = noise_for(step_keys(0, 3, 1), 64, torch.device("cpu"))[0]
+    (bias,) = [m for m in block.modules() if isinstance(m, BalanceBias)]
+
+    def run(fn):
+        bias.load.zero_()
+        return *_run(fn, x, noise_2), bias.load.clone()
+
+    eager = run(block)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            return checkpoint_block(self.inner, *args)
+
+    got = run(Checkpointed(torch.compile(block, backend=counting)))
+    for g, e in zip(got[:2] + tuple(got[2]), eager[:2] + tuple(eager[2])):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    assert torch.equal(got[-1], eager[-1]) and (eager[-1].sum() > 0) == balance
+    assert len(graphs) == (2 if balance else 1)

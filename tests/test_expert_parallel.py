@@ -14,6 +14,7 @@ from moe_dist.models.switchhead import SwitchHeadAttention
 from moe_dist.moe.aux import total_aux_loss
 from moe_dist.moe.experts import is_expert_param
 from moe_dist.moe.layer import MoEFFN
+from moe_dist.moe.recompute import checkpoint_block
 from moe_dist.moe.slice_layer import SliceMoEFFN
 from moe_dist.parallel.expert_parallel import ExpertParallel
 from moe_dist.parallel.grads import reduce_gradients
@@ -209,10 +210,11 @@ def test_unequal_batches_across_ranks(kind):
     run_distributed(_unequal_rows_worker, 2, kind)
 
 
-def _host_reads_worker(rank, world, kind):
+def _host_reads_worker(rank, world, kind, recompute=False):
     """A capacity-factor layer at ep=2 reads the host once per forward (the all-to-all's
     split sizes, which also say how many of the sorted assignments are kept) and never in
-    its backward; its outputs still equal one process's (the parity tests above)."""
+    its backward; its outputs still equal one process's (the parity tests above). Under
+    activation checkpointing the backward's recompute reads them once more."""
     ep = ExpertParallel(ParallelLayout.build(rank, world, 0, world))
     torch.manual_seed(0)
     # fp32 and widths of 16-byte rows: the torch backend (torch._grouped_mm) runs on CPU
@@ -223,16 +225,16 @@ def _host_reads_worker(rank, world, kind):
     layer.shard_experts()
     x = torch.randn(2, 8, 16, requires_grad=True)
     with HostReads() as fwd:
-        y, aux = layer(x)
+        y, aux = checkpoint_block(layer, x) if recompute else layer(x)
     with HostReads() as bwd:
         y.square().sum().backward()
     assert aux.dropped.item() > 0  # the case has capacity drops
-    assert (fwd.reads, bwd.reads) == (["tolist"], [])
+    assert (fwd.reads, bwd.reads) == (["tolist"], ["tolist"] if recompute else [])
 
 
-@pytest.mark.parametrize("kind", ["token", "slice"])
-def test_capacity_layer_reads_the_host_once_at_ep2(kind):
-    run_distributed(_host_reads_worker, 2, kind)
+@pytest.mark.parametrize("kind, recompute", [("token", False), ("slice", False), ("token", True)])
+def test_capacity_layer_reads_the_host_once_at_ep2(kind, recompute):
+    run_distributed(_host_reads_worker, 2, kind, recompute)
 
 
 # ----------------------------------------------------------------------------- training

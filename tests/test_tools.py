@@ -103,6 +103,17 @@ def test_bench_grouped_gemm_parity_check_passes_right_and_fails_wrong_results(ca
     assert out.out.count("FAILED") == 2 and "parity: IndexError" in out.err
 
 
+def test_bench_activation_checkpoint_reports_both_settings(capsys):
+    bench = _load_tool("bench_activation_checkpoint")
+    args = ["--config", os.path.join(REPO, "configs/tiny_switch.yaml"), "--batch", "8", "--rounds", "1", "--vocab", "256",
+            "model.d_model=64", "model.n_layers=4", "moe.d_expert=128", "data.seq_len=64"]
+    assert bench.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["none", "full"]
+    totals = [float(line.split("peak MiB: total ")[1].split()[0]) for line in lines[1:]]
+    assert 0 < totals[1] < totals[0]  # the checkpointed step peaks lower
+
+
 def test_bench_host_overhead_times_both_launch_paths():
     p = subprocess.run([sys.executable, "tools/bench_host_overhead.py", "--rounds", "1", "--calls", "3", "--tokens", "64"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from moe_dist.config import Config
 from moe_dist.models.attention import CausalSelfAttention
 from moe_dist.models.ffn import FFN
+from moe_dist.moe.recompute import checkpoint_block
 from moe_dist.models.switchhead import SwitchHeadAttention
 from moe_dist.moe.aux import MoEAux, total_aux_loss
 from moe_dist.moe.balance import update_balance_biases
@@ -123,6 +124,7 @@ class LM(nn.Module):
         n_distinct = m.group_size or m.n_layers
         self.blocks = nn.ModuleList(Block(cfg, i, self.ep) for i in range(n_distinct))
         self.layer_order = [i % n_distinct for i in range(m.n_layers)]
+        self.activation_checkpoint = cfg.train.activation_checkpoint == "full"
         self.ln_out = nn.LayerNorm(m.d_model, eps=m.norm_eps)
         self.readout = nn.Linear(m.d_model, vocab_size, bias=False)
         if m.tie_embeddings:
@@ -152,15 +154,18 @@ class LM(nn.Module):
 
     def forward(self, idx_BS: torch.Tensor, noise_L2: Optional[torch.Tensor] = None) -> LMOutput:
         """noise_L2: the routing noise of each depth (moe/noise.py), from the trainer; None
-        draws expert and slice dropout from torch.rand."""
+        draws expert and slice dropout from torch.rand. Under train.activation_checkpoint=full
+        each block application keeps only its input for the backward (moe/recompute.py)."""
         B, S = idx_BS.shape
         x = self.embed(idx_BS)
         if self.pos is not None:
             x = x + self.pos(torch.arange(S, device=idx_BS.device))
         x = self.drop(x)
         moe_aux: list[MoEAux] = []
+        recompute = self.activation_checkpoint and self.training and torch.is_grad_enabled()
         for depth, i in enumerate(self.layer_order):
-            x, auxes = self.blocks[i](x, None if noise_L2 is None else noise_L2[depth])
+            args = (x, None if noise_L2 is None else noise_L2[depth])
+            x, auxes = checkpoint_block(self.blocks[i], *args) if recompute else self.blocks[i](*args)
             for aux in auxes:
                 aux.layer, aux.block = depth, i
             moe_aux.extend(auxes)

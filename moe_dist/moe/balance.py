@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from moe_dist.moe.recompute import recomputing
+
 
 class BalanceBias(nn.Module):
     def __init__(self, num_experts: int, rate: float, groups: int = 1):
@@ -36,8 +38,9 @@ class BalanceBias(nn.Module):
 
     def observe(self, counts: torch.Tensor) -> None:
         """Add one training forward's selections: counts [G * E] of the ids group * E +
-        expert (moe/dispatch.py expert_counts; the layers count once for every use)."""
-        if self.enabled and self.training:
+        expert (moe/dispatch.py expert_counts; the layers count once for every use). A
+        checkpointed block's recompute in the backward is not a forward: not counted."""
+        if self.enabled and self.training and not recomputing():
             self.load.view(-1).add_(counts.to(self.load.dtype))
 
     @torch.no_grad()

@@ -262,6 +262,9 @@ class Trainer:
                 block.compile(backend=cfg.train.compile_backend)
             self.log(f"train.compile: {len(self.model.blocks)} block(s) compiled with {cfg.train.compile_backend} "
                      "(compiled on the first step); phase timing off")
+        if cfg.train.activation_checkpoint == "full":
+            self.log(f"train.activation_checkpoint=full: {cfg.model.n_layers} block application(s) keep only their "
+                     "input; the backward runs each forward again")
         self.backend = build_backend(self.model, cfg, self.layout, self.device, self.ds_config)
         _seed_forward_rng(cfg.run.seed, self.layout.rank)
         if getattr(self.backend, "summary", None):

@@ -1,0 +1,56 @@
+"""Activation checkpointing of whole blocks (train.activation_checkpoint=full).
+
+A checkpointed block keeps only its input for the backward; the backward runs its forward
+again to get the activations it needs. torch.utils.checkpoint does the work (non-reentrant:
+it takes any output structure, so a block returns its routing auxiliaries as usual, and it
+works under DDP, FSDP2 and ZeRO). What moe_dist adds is what a routed block needs to be
+recomputed safely:
+
+- The whole forward runs again, on every rank. torch stops a recompute early by default,
+  once it has remade every tensor the backward saved; where that point falls depends on the
+  number of saved tensors, which can differ between ranks (a rank that received no rows
+  saves fewer). A rank stopping before an all-to-all that its peers enter would hang them.
+- The same routing. The block's input is saved exactly, routing is a deterministic function
+  of it, expert and slice dropout hash the global row (moe/noise.py), and torch.utils.checkpoint
+  restores the RNG state for model.dropout.
+- Forward side effects happen once. The only one is the aux-loss-free balancing counts
+  (BalanceBias.observe), which skip the recompute (`recomputing()`). The routing statistics
+  the trainer logs come from the first forward's outputs; the recompute's are discarded.
+- The cost: about one more forward per step, and at ep>1 with a capacity factor one more
+  host read (the all-to-all split sizes) per routed block, in the backward's recompute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch.utils.checkpoint as torch_checkpoint
+
+_RECOMPUTING = False
+"""True while a checkpointed block runs its forward again in the backward. A module global,
+not a thread-local: torch.compile guards a global bool (one more graph for the recompute
+where a compiled block reads it), it cannot trace a threading.local."""
+
+
+def recomputing() -> bool:
+    return _RECOMPUTING
+
+
+@contextlib.contextmanager
+def _recompute_context():
+    global _RECOMPUTING
+    previous, _RECOMPUTING = _RECOMPUTING, True
+    try:
+        yield
+    finally:
+        _RECOMPUTING = previous
+
+
+def _contexts():
+    return contextlib.nullcontext(), _recompute_context()
+
+
+def checkpoint_block(block, *args):
+    """block(*args), its activations recomputed in the backward (see the module docstring)."""
+    with torch_checkpoint.set_checkpoint_early_stop(False):
+        return torch_checkpoint.checkpoint(block, *args, use_reentrant=False, context_fn=_contexts)
