@@ -1,7 +1,8 @@
 """train.activation_checkpoint=full (moe/recompute.py): every architecture gives the same
 loss, bit-identical gradients and the same balancing counts as without it; the activations
 held between forward and backward shrink; at ep=2 with capacity drops the training run is
-bit-identical."""
+bit-identical; nothing ahead of a block's FFN router adds floats in a run-dependent order
+on a GPU, so its recompute routes as the forward did."""
 
 import json
 import os
@@ -9,11 +10,14 @@ import os
 import pytest
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_dist.moe.balance as balance
 from conftest import TINY
 from dist_utils import run_train
-from moe_dist.config import load_config
+from moe_dist.config import AttentionConfig, load_config
+from moe_dist.models.attention import CausalSelfAttention
+from moe_dist.models.switchhead import SwitchHeadAttention
 from moe_dist.models.transformer import LM, lm_loss
 from moe_dist.moe.balance import BalanceBias
 from moe_dist.moe.noise import noise_for, step_keys
@@ -138,3 +142,46 @@ def test_ep2_training_with_capacity_drops_is_bit_identical(tmp_path):
     windows = [[{k: r[k] for k in stats if k in r} for r in runs[ac] if "dropped_frac" in r] for ac in ("none", "full")]
     assert windows[0] == windows[1] and len(windows[0]) == 2
     assert all(w["dropped_frac"] > 0 for w in windows[0])
+
+
+class FloatScatterAdds(TorchDispatchMode):
+    """Records the ops that add floats into a tensor through indices: on CUDA they use
+    atomics, whose order, and so whose rounding, changes from run to run."""
+
+    ACCUMULATING = {"index_add", "index_add_", "scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_",
+                    "index_reduce", "index_reduce_", "put_"}  # fmt: skip
+    PUT = {"index_put", "index_put_", "_index_put_impl_"}  # accumulate=True adds
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        accumulate = name in self.ACCUMULATING or (
+            name in self.PUT and (kwargs or {}).get("accumulate", args[3] if len(args) > 3 else False)
+        )
+        if accumulate and isinstance(out, torch.Tensor) and out.is_floating_point():
+            self.found.append(name)
+        return out
+
+
+@pytest.mark.parametrize("attention", ["switchhead", "mha"])
+def test_attention_output_adds_no_floats_through_indices(attention):
+    """In a block, the FFN router reads x + attention(x). The block's input is kept exactly,
+    so the recompute routes as the forward did if the attention's output repeats bit for
+    bit. On a GPU it does only without float atomics: SwitchHead used index_add to combine
+    its experts' rows (this test's check then read ['index_add', 'index_add'])."""
+    torch.manual_seed(0)
+    args = (32, 4, 8, 16, True, 10000.0, 0.0)
+    if attention == "switchhead":
+        module = SwitchHeadAttention(*args, AttentionConfig(num_experts=3, top_k=2), backend="torch")
+        module.reset_parameters(0.1, 0.1)
+    else:
+        module = CausalSelfAttention(*args)
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    with FloatScatterAdds() as mode:
+        out = module(x, x)
+    y = out[0] if isinstance(out, tuple) else out
+    assert mode.found == [] and y.shape == (2, 16, 32)

@@ -146,10 +146,15 @@ class SwitchHeadAttention(nn.Module):
             global_RK.reshape(-1), None, self.n_heads * self.num_experts, aux.kept_per_expert
         )
         src_N = torch.div(assignment_N, src_div, rounding_mode="floor")
-        dst_N = torch.div(assignment_N, dst_div, rounding_mode="floor")
         y_NO, aux.sent_bytes = self.ep.run(rows_MD, src_N, counts_G, experts, aux.timer)
         y_NO = y_NO * weight_RK.reshape(-1)[assignment_N].to(y_NO.dtype).unsqueeze(1)
-        y_MO = y_NO.new_zeros(n_out, y_NO.shape[1]).index_add(0, dst_N, y_NO)
+        # Output row m sums assignments m*dst_div ... (m+1)*dst_div - 1: each row goes to its
+        # assignment's slot, then a row's slots are summed. Not index_add(dst_N): on CUDA its
+        # float atomics add in another order every run, and under activation checkpointing
+        # (moe/recompute.py) the block's FFN router reads this output again in the backward,
+        # where a changed last bit could send a near-tie to another expert.
+        y_AO = torch.empty_like(y_NO).index_copy(0, assignment_N, y_NO)
+        y_MO = y_AO.view(n_out, dst_div, y_AO.shape[1]).sum(1)
         aux.timer.lap("combine")
         return y_MO
 

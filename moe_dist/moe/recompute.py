@@ -7,12 +7,19 @@ works under DDP, FSDP2 and ZeRO). What moe_dist adds is what a routed block need
 recomputed safely:
 
 - The whole forward runs again, on every rank. torch stops a recompute early by default,
-  once it has remade every tensor the backward saved; where that point falls depends on the
-  number of saved tensors, which can differ between ranks (a rank that received no rows
-  saves fewer). A rank stopping before an all-to-all that its peers enter would hang them.
-- The same routing. The block's input is saved exactly, routing is a deterministic function
-  of it, expert and slice dropout hash the global row (moe/noise.py), and torch.utils.checkpoint
-  restores the RNG state for model.dropout.
+  once it has remade every tensor the backward saved. That point is the same on every rank
+  only while every rank saves the same sequence of tensors, which nothing enforces (a
+  data-dependent branch in a layer or an expert backend would break it), and a rank that
+  stopped before an all-to-all its peers enter would hang them. Running the whole forward
+  costs only the block's tail after its last saved tensor.
+- The same routing. The block's input is saved exactly; expert and slice dropout hash the
+  global row (moe/noise.py); torch.utils.checkpoint restores the RNG state for model.dropout.
+  The FFN router reads x + attention(x), so the attention's output must repeat bit for bit,
+  on a GPU too: nothing in it adds floats through indices, whose CUDA atomics add in
+  another order every run (SwitchHead combines its experts' rows by slot, then sums).
+  Otherwise a near-tie could go to another expert in the recompute: silently other
+  gradients, or torch's "different metadata" error once a count changes a shape (the
+  failure NeMo-Automodel met under DeepEP).
 - Forward side effects happen once. The only one is the aux-loss-free balancing counts
   (BalanceBias.observe), which skip the recompute (`recomputing()`). The routing statistics
   the trainer logs come from the first forward's outputs; the recompute's are discarded.
