@@ -185,3 +185,19 @@ def test_attention_output_adds_no_floats_through_indices(attention):
         out = module(x, x)
     y = out[0] if isinstance(out, tuple) else out
     assert mode.found == [] and y.shape == (2, 16, 32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: CPU adds in one order anyway")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_switchhead_output_repeats_bit_for_bit_on_cuda(backend):
+    """What the recompute's routing relies on, where atomics exist: in bf16 on a GPU, the
+    SwitchHead attention's output is the same to the last bit call after call."""
+    torch.manual_seed(0)
+    args = (256, 4, 64, 512, True, 10000.0, 0.0)
+    module = SwitchHeadAttention(*args, AttentionConfig(num_experts=4, top_k=2), backend=backend)
+    module.reset_parameters(0.02, 0.02)
+    module = module.cuda().to(torch.bfloat16)
+    x = torch.randn(4, 512, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        outs = [module(x, x)[0] for _ in range(5)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])

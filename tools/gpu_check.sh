@@ -98,6 +98,8 @@ gemm)
 layer)
   # The layer at ep=1 makes no device-to-host sync, dropless or not (sync debug mode).
   run layer_syncs python3 -m pytest -q -p no:cacheprovider tests/test_moe_layer.py -k never_syncs
+  # Activation checkpointing's routing relies on SwitchHead's output repeating bit for bit.
+  run switchhead_repeats python3 -m pytest -q -p no:cacheprovider tests/test_recompute.py -k on_cuda
   # The shape (small) and a GPU-sized one, where the 1.3x-of-dense target is meant.
   # --synced: ours with the 7 host syncs per forward it had before commit 0c948e1, side by side.
   run layer_small python3 tools/bench_moe_layer.py --backends auto,triton --synced
