@@ -201,3 +201,12 @@ def test_switchhead_output_repeats_bit_for_bit_on_cuda(backend):
     with torch.no_grad():
         outs = [module(x, x)[0] for _ in range(5)]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_a_resume_may_switch_activation_checkpointing():
+    """It changes what is kept for the backward, not the model: not a must-match key."""
+    from moe_dist.trainer.trainer import _backend_diff, _config_diff
+
+    old = load_config("configs/tiny_switch.yaml").to_dict()
+    new = load_config("configs/tiny_switch.yaml", ["train.activation_checkpoint=full"]).to_dict()
+    assert old != new and _config_diff(old, new) == [] and _backend_diff(old, new) == []
