@@ -117,31 +117,48 @@ def test_checkpointing_lowers_peak_activation_memory():
     assert full["Total"] < none["Total"]
 
 
-def test_ep2_training_with_capacity_drops_is_bit_identical(tmp_path):
-    """2 processes, ep=2, capacity factor 1.0 (drops, the split sizes read in the forward and
-    again in the recompute), aux-loss-free balancing and expert dropout: the same losses,
-    gradient norms and routing biases to the last bit."""
-    base = TINY + [
-        "train.max_steps=4", "train.eval_every=2", "checkpoint.every=0", "train.micro_batch_size=4",
-        "parallel.ep=2", "moe.capacity_factor=1.0", "moe.bias_update_rate=0.01", "model.ffn=sigma_moe",
-        "moe.expert_dropout=0.1", "logging.moe_stats_every=2",
+EP2 = {
+    # Capacity drops (split sizes read in the forward and again in the recompute), expert
+    # dropout and aux-loss-free balancing.
+    "sigma_moe_capacity": TINY + [
+        "model.ffn=sigma_moe", "moe.capacity_factor=1.0", "moe.bias_update_rate=0.01", "moe.expert_dropout=0.1",
+        "train.micro_batch_size=4",
+    ],
+    # MoEUT (2 shared blocks applied 4 times) with SwitchHead's experts sharded over the ep
+    # group: all-to-alls inside the attention too; two micro-batches per step.
+    "moeut_sharded_attention": TINY + [
+        "model.ffn=sigma_moe", "model.attention=switchhead", "model.group_size=2", "model.n_layers=4",
+        "model.norm=peri", "moe.capacity_factor=0", "parallel.attention_experts=sharded",
+        "attention.bias_update_rate=0.01", "moe.bias_update_rate=0.01", "train.micro_batch_size=2",
+        "train.grad_accum_steps=2",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(EP2))
+def test_ep2_training_is_bit_identical(case, tmp_path):
+    """2 processes, ep=2, 4 steps with and without checkpointing: the same losses, gradient
+    norms, validation loss and traffic windows to the last bit."""
+    base = EP2[case] + [
+        "train.max_steps=4", "train.eval_every=2", "checkpoint.every=0", "parallel.ep=2", "logging.moe_stats_every=2",
     ]  # fmt: skip
     runs = {}
     for ac in ("none", "full"):
         run_dir = tmp_path / ac
         p = run_train(2, [*base, f"run.dir={run_dir}", f"train.activation_checkpoint={ac}"])
         assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
-        assert ("train.activation_checkpoint=full: 2 block application(s)" in p.stdout) == (ac == "full")
+        layers = 4 if case.startswith("moeut") else 2
+        assert (f"train.activation_checkpoint=full: {layers} block application(s)" in p.stdout) == (ac == "full")
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             runs[ac] = [json.loads(line) for line in f]
     keep = ("step", "loss", "lm_loss", "aux_loss", "grad_norm", "val_loss")
     strip = [[{k: r[k] for k in keep if k in r} for r in runs[ac]] for ac in ("none", "full")]
     assert strip[0] == strip[1] and len(strip[0]) >= 4
     # The traffic windows: the same drops and loads (the recompute's statistics are discarded).
-    stats = ("dropped_frac", "max_imbalance", "dead_experts", "load_entropy_ffn")
+    stats = ("dropped_frac", "max_imbalance", "dead_experts", "load_entropy_ffn", "load_entropy_attn")
     windows = [[{k: r[k] for k in stats if k in r} for r in runs[ac] if "dropped_frac" in r] for ac in ("none", "full")]
     assert windows[0] == windows[1] and len(windows[0]) == 2
-    assert all(w["dropped_frac"] > 0 for w in windows[0])
+    assert all((w["dropped_frac"] > 0) == (case == "sigma_moe_capacity") for w in windows[0])
 
 
 class FloatScatterAdds(TorchDispatchMode):
