@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_dist.moe.balance as balance
@@ -92,6 +91,10 @@ def test_eval_and_no_grad_forwards_are_not_checkpointed():
 def peak_activation_bytes(ac):
     """Peak bytes MemTracker attributes to activations over one forward and backward of a
     4-layer MoE LM whose blocks, not the readout, hold most of them (vocab 256)."""
+    # Imported here: it loads torch._dynamo and triton, which at collection would send
+    # tests/test_kernels.py's interpreter tests to their fresh-process fallback.
+    from torch.distributed._tools.mem_tracker import MemTracker
+
     cfg = load_config("configs/tiny_switch.yaml", [
         "model.d_model=64", "model.n_layers=4", "moe.d_expert=128", "moe.capacity_factor=0",
         "data.seq_len=64", f"train.activation_checkpoint={ac}",
@@ -207,21 +210,24 @@ def test_attention_output_adds_no_floats_through_indices(attention):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: CPU adds in one order anyway")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_switchhead_output_repeats_bit_for_bit_on_cuda(backend):
-    """What the recompute's routing relies on, where atomics exist: in bf16 on a GPU, the
-    SwitchHead attention's output is the same to the last bit call after call."""
+    """What the recompute's routing relies on, where atomics exist: under bf16 autocast on
+    a GPU, as training runs it, the SwitchHead attention's output is the same to the last
+    bit call after call, and bf16 (CUDA autocast sums in fp32: sum_slots casts back)."""
     torch.manual_seed(0)
     args = (256, 4, 64, 512, True, 10000.0, 0.0)
     module = SwitchHeadAttention(*args, AttentionConfig(num_experts=4, top_k=2), backend=backend)
     module.reset_parameters(0.02, 0.02)
-    module = module.cuda().to(torch.bfloat16)
-    x = torch.randn(4, 512, 256, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
+    module = module.cuda()
+    x = torch.randn(4, 512, 256, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         outs = [module(x, x)[0] for _ in range(5)]
+    assert outs[0].dtype == torch.bfloat16
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
-def test_a_resume_may_switch_activation_checkpointing():
-    """It changes what is kept for the backward, not the model: not a must-match key."""
+def test_activation_checkpointing_is_not_a_must_match_key():
+    """It changes what is kept for the backward, not the model: a checkpoint written with
+    one value resumes with the other (no train.* key must match, this guards that)."""
     from moe_dist.trainer.trainer import _backend_diff, _config_diff
 
     old = load_config("configs/tiny_switch.yaml").to_dict()

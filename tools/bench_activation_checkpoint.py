@@ -7,8 +7,9 @@
 One process, the config's model (overrides as in training), one forward and backward of
 `--batch` sequences of data.seq_len random tokens per step. The two settings alternate,
 round after round, and the tool prints each one's median step time and its peak memory:
-on CUDA torch.cuda.max_memory_allocated, on CPU the peak that torch's MemTracker sees,
-split into parameters, gradients, activations and temporaries. No optimizer: its state is
+on CUDA the step's torch.cuda.max_memory_allocated above what was allocated before it, on
+CPU the peak that torch's MemTracker sees, split into parameters, gradients, activations
+and temporaries. No optimizer: its state is
 the same under both.
 """
 
@@ -30,10 +31,10 @@ from moe_dist.models.transformer import LM, lm_loss  # noqa: E402
 MODES = ("none", "full")
 
 
-def build(config: str, mode: str, overrides: list[str], device: torch.device, vocab: int):
+def build(config: str, mode: str, overrides: list[str], device: torch.device, vocab):
     cfg = load_config(config, [*overrides, f"train.activation_checkpoint={mode}"])
     torch.manual_seed(0)
-    return cfg, LM(cfg, vocab).to(device)
+    return cfg, LM(cfg, vocab or cfg.data.vocab_size).to(device)
 
 
 def step_fn(model, idx, dtype):
@@ -48,13 +49,15 @@ def step_fn(model, idx, dtype):
 
 
 def peak_memory(step, model, device) -> dict[str, float]:
-    """MiB at the peak of one step: 'total', plus categories on CPU."""
+    """MiB at the peak of one step: 'total', plus categories on CPU. On CUDA the peak above
+    what was allocated before the step (both settings' models and inputs stay resident)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+        resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-        return {"total": torch.cuda.max_memory_allocated() / 2**20}
+        return {"total": (torch.cuda.max_memory_allocated() - resident) / 2**20}
     from torch.distributed._tools.mem_tracker import MemTracker
 
     tracker = MemTracker()
@@ -71,7 +74,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="configs/quickstart.yaml")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--vocab", type=int, default=8192, help="vocabulary (the quickstart's BPE has 8192)")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary (default: the config's data.vocab_size)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
     runs = {}
     for mode in MODES:
         cfg, model = build(a.config, mode, a.overrides, device, a.vocab)
-        idx = torch.randint(0, a.vocab, (a.batch, cfg.data.seq_len + 1), device=device)
+        idx = torch.randint(0, a.vocab or cfg.data.vocab_size, (a.batch, cfg.data.seq_len + 1), device=device)
         step = step_fn(model, idx, dtype)
         step()  # warm up (and, on CPU, keep MemTracker's first-call work out of the times)
         runs[mode] = {"step": step, "memory": peak_memory(step, model, device), "ms": []}
@@ -93,7 +96,8 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
             runs[mode]["ms"].append((time.perf_counter() - t0) * 1e3)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"{a.config} {' '.join(a.overrides)} | batch {a.batch} x seq {cfg.data.seq_len} | {name}, "
+    print(f"{a.config} {' '.join(a.overrides)} | vocab {a.vocab or cfg.data.vocab_size}, batch {a.batch} x seq "
+          f"{cfg.data.seq_len} | {name}, "
           f"torch {torch.__version__}, {a.rounds} alternating rounds")
     base = runs["none"]
     for mode in MODES:

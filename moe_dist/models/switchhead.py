@@ -32,6 +32,7 @@ from moe_dist.moe.dispatch import expert_counts, sort_by_expert
 from moe_dist.moe.layer import router_dtype
 from moe_dist.moe.experts import StackedLinear
 from moe_dist.moe.router import RouterLinear, route_topk, router_entropy
+from moe_dist.ops.grouped_mm import sum_slots
 from moe_dist.parallel.expert_parallel import ExpertParallel
 
 
@@ -147,14 +148,15 @@ class SwitchHeadAttention(nn.Module):
         )
         src_N = torch.div(assignment_N, src_div, rounding_mode="floor")
         y_NO, aux.sent_bytes = self.ep.run(rows_MD, src_N, counts_G, experts, aux.timer)
-        y_NO = y_NO * weight_RK.reshape(-1)[assignment_N].to(y_NO.dtype).unsqueeze(1)
         # Output row m sums assignments m*dst_div ... (m+1)*dst_div - 1: each row goes to its
-        # assignment's slot, then a row's slots are summed. Not index_add(dst_N): on CUDA its
-        # float atomics add in another order every run, and under activation checkpointing
-        # (moe/recompute.py) the block's FFN router reads this output again in the backward,
-        # where a changed last bit could send a near-tie to another expert.
+        # assignment's slot (then weighted in slot order), and a row's slots are summed. Not
+        # index_add(dst_N): on CUDA its float atomics add in another order every run, and
+        # under activation checkpointing (moe/recompute.py) the block's FFN router reads this
+        # output again in the backward, where a changed last bit could send a near-tie to
+        # another expert. sum_slots also keeps the dtype that CUDA autocast's fp32 sum would change.
         y_AO = torch.empty_like(y_NO).index_copy(0, assignment_N, y_NO)
-        y_MO = y_AO.view(n_out, dst_div, y_AO.shape[1]).sum(1)
+        y_AO = y_AO * weight_RK.reshape(-1, 1).to(y_AO.dtype)
+        y_MO = sum_slots(y_AO, dst_div)
         aux.timer.lap("combine")
         return y_MO
 

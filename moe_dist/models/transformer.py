@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from moe_dist.config import Config
 from moe_dist.models.attention import CausalSelfAttention
 from moe_dist.models.ffn import FFN
-from moe_dist.moe.recompute import checkpoint_block
 from moe_dist.models.switchhead import SwitchHeadAttention
 from moe_dist.moe.aux import MoEAux, total_aux_loss
 from moe_dist.moe.balance import update_balance_biases
 from moe_dist.moe.layer import MoEFFN
+from moe_dist.moe.recompute import checkpoint_block
 from moe_dist.moe.slice_layer import SliceMoEFFN
 from moe_dist.parallel.expert_parallel import ExpertParallel
 from moe_dist.parallel.layout import ParallelLayout

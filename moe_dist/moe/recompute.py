@@ -2,29 +2,27 @@
 
 A checkpointed block keeps only its input for the backward; the backward runs its forward
 again to get the activations it needs. torch.utils.checkpoint does the work (non-reentrant:
-it takes any output structure, so a block returns its routing auxiliaries as usual, and it
-works under DDP, FSDP2 and ZeRO). What moe_dist adds is what a routed block needs to be
-recomputed safely:
+it takes any output structure, so a block returns its routing auxiliaries as usual; tested
+under DDP, FSDP2, ZeRO-3 and torch.compile). What a routed block needs besides (docs/backends.md has
+the longer story and the measurements):
 
-- The whole forward runs again, on every rank. torch stops a recompute early by default,
-  once it has remade every tensor the backward saved. That point is the same on every rank
-  only while every rank saves the same sequence of tensors, which nothing enforces (a
-  data-dependent branch in a layer or an expert backend would break it), and a rank that
-  stopped before an all-to-all its peers enter would hang them. Running the whole forward
-  costs only the block's tail after its last saved tensor.
-- The same routing. The block's input is saved exactly; expert and slice dropout hash the
-  global row (moe/noise.py); torch.utils.checkpoint restores the RNG state for model.dropout.
-  The FFN router reads x + attention(x), so the attention's output must repeat bit for bit,
-  on a GPU too: nothing in it adds floats through indices, whose CUDA atomics add in
-  another order every run (SwitchHead combines its experts' rows by slot, then sums).
-  Otherwise a near-tie could go to another expert in the recompute: silently other
-  gradients, or torch's "different metadata" error once a count changes a shape (the
-  failure NeMo-Automodel met under DeepEP).
-- Forward side effects happen once. The only one is the aux-loss-free balancing counts
-  (BalanceBias.observe), which skip the recompute (`recomputing()`). The routing statistics
-  the trainer logs come from the first forward's outputs; the recompute's are discarded.
-- The cost: about one more forward per step, and at ep>1 with a capacity factor one more
-  host read (the all-to-all split sizes) per routed block, in the backward's recompute.
+- The whole forward again, on every rank. torch's early stop ends a recompute once it has
+  remade every saved tensor; that point matches across ranks only while every rank saves
+  the same sequence of tensors, which nothing enforces, and a rank that stopped before an
+  all-to-all its peers enter would hang them. Turning it off costs only the block's tail.
+- The same routing. The input is kept exactly, expert and slice dropout hash the global
+  row (moe/noise.py), torch restores the RNG state for model.dropout, and the FFN router's
+  input x + attention(x) repeats bit for bit because nothing in the attention sums floats
+  through indices (CUDA atomics add in another order every run; models/switchhead.py sums
+  slots instead). A near-tie routed elsewhere in the recompute would give other gradients,
+  or torch's metadata error once a shape changes. Replaying the forward's routing instead
+  (NeMo-Automodel saves the router's top-k) would not need that determinism, but a replay
+  list read inside a compiled block makes dynamo guard on Python state.
+- Forward side effects once: the aux-loss-free balancing counts (BalanceBias.observe) skip
+  the recompute (`recomputing()`). The trainer's routing statistics come from the first
+  forward's outputs; the recompute's are discarded.
+- The cost: about one more forward per step; at ep>1 every routed call's recompute repeats
+  its two all-to-alls and the host read of their split sizes.
 """
 
 from __future__ import annotations
@@ -36,7 +34,9 @@ import torch.utils.checkpoint as torch_checkpoint
 _RECOMPUTING = False
 """True while a checkpointed block runs its forward again in the backward. A module global,
 not a thread-local: torch.compile guards a global bool (one more graph for the recompute
-where a compiled block reads it), it cannot trace a threading.local."""
+where a compiled block reads it), it cannot trace a threading.local. One device per process
+runs one recompute at a time; a model spread over devices, whose backward threads could
+recompute at once, would need a per-thread flag."""
 
 
 def recomputing() -> bool:

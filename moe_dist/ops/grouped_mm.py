@@ -236,13 +236,15 @@ _grouped_gemm = _eager_or_op(_grouped_gemm_impl, _grouped_gemm_op)
 _grouped_wgrad = _eager_or_op(_grouped_wgrad_impl, _grouped_wgrad_op)
 
 
-def _sum_slots(c_MF: torch.Tensor, per_row: int) -> torch.Tensor:
-    """Sum each run of per_row consecutive rows (a token's K slots) in fp32, in c's dtype.
-    Explicit about both because CUDA autocast runs `sum` in fp32 and would change the
-    output's dtype, and with it the dtype of the gradient autograd hands our backward."""
+def sum_slots(c_MF: torch.Tensor, per_row: int) -> torch.Tensor:
+    """Sum each run of per_row consecutive rows (a token's K slots) in fp32 (fp64 stays
+    fp64), in c's dtype. Explicit about both because CUDA autocast runs `sum` in fp32 and
+    would change the output's dtype, and with it the dtype of the gradient autograd hands
+    the backward."""
     if per_row <= 1:
         return c_MF
-    return c_MF.view(-1, per_row, c_MF.shape[1]).sum(1, dtype=torch.float32).to(c_MF.dtype)
+    acc = torch.promote_types(c_MF.dtype, torch.float32)
+    return c_MF.view(-1, per_row, c_MF.shape[1]).sum(1, dtype=acc).to(c_MF.dtype)
 
 
 class _ScatterGroupedMM(torch.autograd.Function):
@@ -265,14 +267,14 @@ class _ScatterGroupedMM(torch.autograd.Function):
         )  # fmt: skip
         ctx.save_for_backward(x, w_EDF, offs_E1, sched_2B, slot_N, src_N, dst_N, scale_N)
         ctx.cfg = (N, act, gdiv, sdiv, block_m)
-        return _sum_slots(c, sdiv)
+        return sum_slots(c, sdiv)
 
     @staticmethod
     @once_differentiable  # the kernels have no derivative of their own: refuse create_graph
     def backward(ctx, dy):
         x, w_EDF, offs_E1, sched_2B, slot_N, src_N, dst_N, scale_N = ctx.saved_tensors
         N, act, gdiv, sdiv, block_m = ctx.cfg
-        # Autograd hands back the output's dtype, which _sum_slots keeps equal to x's; the
+        # Autograd hands back the output's dtype, which sum_slots keeps equal to x's; the
         # kernels take one dtype, so guard it (a no-op, no copy, when the dtypes agree).
         dy = dy.to(x.dtype)
         need_x, need_w, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[7]
@@ -286,7 +288,7 @@ class _ScatterGroupedMM(torch.autograd.Function):
                 x if use_x else None, x_idx if use_x else None, x.shape[0] * gdiv if gdiv else N,
                 "none", act, need_s, block_m,
             )  # fmt: skip
-            dx = _sum_slots(dpre, gdiv)
+            dx = sum_slots(dpre, gdiv)
             dscale = dscale.to(scale_N.dtype) if need_s else None
         if need_w:
             dw = _grouped_wgrad(x, dy, offs_E1, x_idx, dy_idx, scale_N, act)
