@@ -153,7 +153,8 @@ class SwitchHeadAttention(nn.Module):
         # index_add(dst_N): on CUDA its float atomics add in another order every run, and
         # under activation checkpointing (moe/recompute.py) the block's FFN router reads this
         # output again in the backward, where a changed last bit could send a near-tie to
-        # another expert. sum_slots also keeps the dtype that CUDA autocast's fp32 sum would change.
+        # another expert. sum_slots also keeps the dtype, which CUDA autocast's fp32 sum
+        # would change.
         y_AO = torch.empty_like(y_NO).index_copy(0, assignment_N, y_NO)
         y_AO = y_AO * weight_RK.reshape(-1, 1).to(y_AO.dtype)
         y_MO = sum_slots(y_AO, dst_div)

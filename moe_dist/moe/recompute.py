@@ -3,8 +3,8 @@
 A checkpointed block keeps only its input for the backward; the backward runs its forward
 again to get the activations it needs. torch.utils.checkpoint does the work (non-reentrant:
 it takes any output structure, so a block returns its routing auxiliaries as usual; tested
-under DDP, FSDP2, ZeRO-3 and torch.compile). What a routed block needs besides (docs/backends.md has
-the longer story and the measurements):
+under DDP, FSDP2, ZeRO-3 and torch.compile). What a routed block needs besides
+(docs/backends.md has the longer story and the measurements):
 
 - The whole forward again, on every rank. torch's early stop ends a recompute once it has
   remade every saved tensor; that point matches across ranks only while every rank saves
