@@ -515,7 +515,10 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+            # YAML 1.1 reads yes/no/on/off unquoted as booleans: say so, or the message names
+            # a value the user never typed.
+            hint = " (YAML reads yes, no, on and off as booleans)" if isinstance(value, bool) else ""
+            raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}{hint}")
         return value
     if tp is bool:
         if not isinstance(value, bool):

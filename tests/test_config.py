@@ -30,6 +30,8 @@ def test_override_values_are_yaml():
         ("model.d_model=64.5", "model.d_model: expected an integer, got 64.5"),
         ("logging.progress=1", "logging.progress: expected true or false, got 1"),
         ("model.activation=tanh", "model.activation: expected one of ['swiglu', 'relu', 'gelu'], got 'tanh'"),
+        ("train.activation_checkpoint=yes",
+         "train.activation_checkpoint: expected one of ['none', 'full'], got True (YAML reads yes, no, on and off as booleans)"),
         ("moe.top_k=9", "moe.top_k: top_k=9 exceeds moe.num_experts=8"),
         ("moe.capacity_factor=-0.5", "moe.capacity_factor: must be >= 0 (0 or null = dropless), got -0.5"),
         ("model.d_model=130", "model.d_model: d_model=130 is not divisible by model.n_heads=4"),
