@@ -100,6 +100,9 @@ layer)
   run layer_syncs python3 -m pytest -q -p no:cacheprovider tests/test_moe_layer.py -k never_syncs
   # Activation checkpointing's routing relies on SwitchHead's output repeating bit for bit.
   run switchhead_repeats python3 -m pytest -q -p no:cacheprovider tests/test_recompute.py -k on_cuda
+  # What train.activation_checkpoint=full saves and costs on a GPU (bf16 autocast).
+  run recompute_bench python3 tools/bench_activation_checkpoint.py --batch 8 model.n_layers=8 \
+    model.d_model=512 moe.d_expert=1024 data.seq_len=512
   # The shape (small) and a GPU-sized one, where the 1.3x-of-dense target is meant.
   # --synced: ours with the 7 host syncs per forward it had before commit 0c948e1, side by side.
   run layer_small python3 tools/bench_moe_layer.py --backends auto,triton --synced
