@@ -30,11 +30,10 @@ SMALL = [
 ]  # fmt: skip
 
 
-def train_step(arch, ac, vocab=300, batch=4, seq=32, overrides=()):
-    cfg = load_config(f"configs/{arch}.yaml", [*SMALL, f"data.seq_len={seq}", f"train.activation_checkpoint={ac}",
-                                               *overrides])  # fmt: skip
-    if arch == "tiny_slicemoe":
-        cfg.moe.slice_dropout = 0.2
+def train_step(arch, ac, vocab=300, batch=4, seq=32):
+    slice_dropout = ["moe.slice_dropout=0.2"] if arch == "tiny_slicemoe" else []
+    cfg = load_config(f"configs/{arch}.yaml", [*SMALL, *slice_dropout, f"data.seq_len={seq}",
+                                               f"train.activation_checkpoint={ac}"])  # fmt: skip
     torch.manual_seed(0)
     model = LM(cfg, vocab)
     calls = []
