@@ -94,14 +94,20 @@ def _report(errors, rank: int, what: str) -> None:
     errors.put(f"rank {rank}{what}:\n{traceback.format_exc()[-16000:]}")
 
 
-def _worker(rank, world, port, fn, args, errors, env):
+def _enter_rank(env: dict) -> None:
+    """A forked rank takes `env` (the test's environment, as a spawned child would see it)
+    under _CPU_ONLY, one thread, and dies with the server."""
     _die_with_server()
-    os.environ.clear()  # the test process's environment now, as a spawned child would see it
-    os.environ.update(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.update(_CPU_ONLY)
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # _CPU_ONLY's OMP_NUM_THREADS: libgomp read it in the server
+
+
+def _worker(rank, world, port, fn, args, errors, env):
+    _enter_rank(dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     code = 0
     try:
@@ -151,20 +157,14 @@ def _die_with_server() -> None:
 
 def _train_rank(argv, env, cwd, out_path, err_path):
     """One rank of `python -m moe_dist.train argv`: its module's __main__ block, here."""
-    _die_with_server()
+    _enter_rank(env)
     os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(env)
-    os.environ.update(_CPU_ONLY)
     for fd, path in ((1, out_path), (2, err_path)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(f, fd)
         os.close(f)
-    import torch
-
     from moe_dist import train
 
-    torch.set_num_threads(1)  # _CPU_ONLY's OMP_NUM_THREADS, as in _worker
     sys.argv = ["moe_dist.train", *argv]
     try:
         rc = train.main(argv)
