@@ -1,5 +1,6 @@
 """Shared fixtures: a private data cache and one tiny prepared corpus per test session."""
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -9,6 +10,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module, registered in sys.modules (a dataclass defined in it
+    looks its module up there), without running its main."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session", autouse=True)

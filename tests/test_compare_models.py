@@ -1,8 +1,6 @@
 """tools/compare_models.py: parameter matching against real models, and the --quick run end to end."""
 
-import importlib.util
 import math
-import os
 import re
 import subprocess
 import sys
@@ -10,13 +8,11 @@ from dataclasses import replace
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_tool
 from moe_dist.macs import vocab_size
 from moe_dist.models.transformer import LM
 
-spec = importlib.util.spec_from_file_location("compare_models", os.path.join(REPO, "tools", "compare_models.py"))
-compare = sys.modules["compare_models"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
-spec.loader.exec_module(compare)
+compare = load_tool("compare_models")
 
 
 @pytest.mark.parametrize("scale", ["quick", "cpu"])

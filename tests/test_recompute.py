@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_dist.moe.balance as balance
-from conftest import TINY
+from conftest import TINY, load_tool
 from dist_utils import run_train
 from moe_dist.config import AttentionConfig, load_config
 from moe_dist.models.attention import CausalSelfAttention
@@ -87,36 +87,24 @@ def test_eval_and_no_grad_forwards_are_not_checkpointed():
     assert ran == [False, True]  # once each: no recompute in either
 
 
-def peak_activation_bytes(ac):
-    """Peak bytes MemTracker attributes to activations over one forward and backward of a
-    4-layer MoE LM whose blocks, not the readout, hold most of them (vocab 256)."""
-    # Imported here: it loads torch._dynamo and triton, which at collection would send
-    # tests/test_kernels.py's interpreter tests to their fresh-process fallback.
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    cfg = load_config("configs/tiny_switch.yaml", [
-        "model.d_model=64", "model.n_layers=4", "moe.d_expert=128", "moe.capacity_factor=0",
-        "data.seq_len=64", f"train.activation_checkpoint={ac}",
-    ])  # fmt: skip
-    torch.manual_seed(0)
-    model = LM(cfg, 256)
-    idx = torch.randint(0, 256, (8, 65))
-    tracker = MemTracker()
-    tracker.track_external(model)
-    with tracker:
-        out = model(idx[:, :-1])
-        (lm_loss(out.logits, idx[:, 1:]) + out.aux_loss).backward()
-    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
-    return {str(k).split(".")[-1]: v for k, v in peak.items()}
+def peak_memory_mib(ac):
+    """MiB at the peak of one forward and backward, by kind (MemTracker, through
+    tools/bench_activation_checkpoint.py), of a 4-layer MoE LM whose blocks, not the
+    readout, hold most of the activations (vocab 256)."""
+    bench = load_tool("bench_activation_checkpoint")
+    overrides = ["model.d_model=64", "model.n_layers=4", "moe.d_expert=128", "moe.capacity_factor=0", "data.seq_len=64"]
+    cfg, model = bench.build("configs/tiny_switch.yaml", ac, overrides, torch.device("cpu"), 256)
+    idx = torch.randint(0, 256, (8, 65), generator=torch.Generator().manual_seed(0))
+    return bench.peak_memory(bench.step_fn(model, idx, None), model, torch.device("cpu"))
 
 
 def test_checkpointing_lowers_peak_activation_memory():
-    none, full = peak_activation_bytes("none"), peak_activation_bytes("full")
+    none, full = peak_memory_mib("none"), peak_memory_mib("full")
     # Measured: activations at the peak 8.01 -> 2.82 MiB, total 11.36 -> 7.06 MiB. Left with
     # checkpointing: each block's input, the logits and loss, one block recomputed at a time.
-    assert none["PARAM"] == full["PARAM"]
-    assert full["ACT"] < 0.5 * none["ACT"], (none, full)
-    assert full["Total"] < none["Total"]
+    assert none["param"] == full["param"]
+    assert full["act"] < 0.5 * none["act"], (none, full)
+    assert full["total"] < none["total"]
 
 
 EP2 = {

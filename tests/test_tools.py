@@ -6,17 +6,8 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_tool
 from dist_utils import free_port
-
-
-def _load_tool(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_bench_moe_layer_runs_all_three_layers():
@@ -45,7 +36,7 @@ def test_bench_moe_layer_synced_variant_restores_the_library():
     import moe_dist.moe.dispatch as dispatch
     import moe_dist.moe.layer as layer
 
-    bench = _load_tool("bench_moe_layer")
+    bench = load_tool("bench_moe_layer")
     ids = torch.empty(6, dtype=torch.long, device="meta")
     cuda = torch.device("cuda")
     assert dispatch.computes_dropped(1, cuda) and layer.expert_counts(ids, 4).shape == (4,)
@@ -81,7 +72,7 @@ def test_bench_grouped_gemm_parity_check_passes_right_and_fails_wrong_results(ca
 
     from moe_dist.ops import grouped_mm as ops
 
-    bench = _load_tool("bench_grouped_gemm")
+    bench = load_tool("bench_grouped_gemm")
     g = torch.Generator().manual_seed(0)
     counts = torch.tensor([5, 0, 17, 1])
     x = torch.randn(23, 32, generator=g).bfloat16()
@@ -104,7 +95,7 @@ def test_bench_grouped_gemm_parity_check_passes_right_and_fails_wrong_results(ca
 
 
 def test_bench_activation_checkpoint_reports_both_settings(capsys):
-    bench = _load_tool("bench_activation_checkpoint")
+    bench = load_tool("bench_activation_checkpoint")
     args = ["--config", os.path.join(REPO, "configs/tiny_switch.yaml"), "--batch", "8", "--rounds", "1", "--vocab", "256",
             "model.d_model=64", "model.n_layers=4", "moe.d_expert=128", "data.seq_len=64"]
     assert bench.main(args) == 0
@@ -147,7 +138,7 @@ def test_routed_layers_launch_the_counted_ops_and_read_nothing_on_the_gpu_path()
 
     if not torch.__version__.startswith("2.13."):  # other versions decompose some ops differently
         pytest.skip(f"op counts are pinned at torch 2.13 (the CI pin), not {torch.__version__}")
-    tool = _load_tool("count_layer_ops")
+    tool = load_tool("count_layer_ops")
     got = {name: tuple(len(ops) for ops in tool.count_ops(name, "gpu")) for name in LAYER_OPS}
     assert got == LAYER_OPS
     for name in LAYER_OPS:
