@@ -73,7 +73,9 @@ quick)
   # 1. Issue 9: the layer against dense on one GPU after the host-sync removals (no Triton
   #    compile: auto runs torch._grouped_mm). No sync at ep=1 first, then two sizes, ours
   #    against its old synced form side by side, the large one profiled.
-  step layer_syncs 60 python3 -m pytest -q -p no:cacheprovider tests/test_moe_layer.py -k "never_syncs and torch"
+  #    The routed MLP's combine repeating bit for bit on CUDA (ops/combine.py) rides along.
+  step layer_syncs 75 python3 -m pytest -q -p no:cacheprovider tests/test_moe_layer.py tests/test_combine.py \
+    -k "(never_syncs and torch) or repeats_bit"
   step layer_small 60 python3 tools/bench_moe_layer.py --backends auto --synced
   step layer_large 90 python3 tools/bench_moe_layer.py --tokens 16384 --d-model 1024 --d-expert 2048 \
     --experts 8 --backends auto --synced --profile 5
@@ -100,6 +102,7 @@ layer)
   run layer_syncs python3 -m pytest -q -p no:cacheprovider tests/test_moe_layer.py -k never_syncs
   # Activation checkpointing's routing relies on SwitchHead's output repeating bit for bit.
   run switchhead_repeats python3 -m pytest -q -p no:cacheprovider tests/test_recompute.py -k on_cuda
+  run combine_repeats python3 -m pytest -q -p no:cacheprovider tests/test_combine.py -k on_cuda
   # What train.activation_checkpoint=full saves and costs on a GPU (bf16 autocast).
   run recompute_bench python3 tools/bench_activation_checkpoint.py --batch 8 model.n_layers=8 \
     model.d_model=512 moe.d_expert=1024 data.seq_len=512

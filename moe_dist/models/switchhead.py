@@ -32,7 +32,7 @@ from moe_dist.moe.dispatch import expert_counts, sort_by_expert
 from moe_dist.moe.layer import router_dtype
 from moe_dist.moe.experts import StackedLinear
 from moe_dist.moe.router import RouterLinear, route_topk, router_entropy
-from moe_dist.ops.grouped_mm import sum_slots
+from moe_dist.ops.combine import combine_slots
 from moe_dist.parallel.expert_parallel import ExpertParallel
 
 
@@ -148,16 +148,12 @@ class SwitchHeadAttention(nn.Module):
         )
         src_N = torch.div(assignment_N, src_div, rounding_mode="floor")
         y_NO, aux.sent_bytes = self.ep.run(rows_MD, src_N, counts_G, experts, aux.timer)
-        # Output row m sums assignments m*dst_div ... (m+1)*dst_div - 1: each row goes to its
-        # assignment's slot (then weighted in slot order), and a row's slots are summed. Not
-        # index_add(dst_N): on CUDA its float atomics add in another order every run, and
-        # under activation checkpointing (moe/recompute.py) the block's FFN router reads this
-        # output again in the backward, where a changed last bit could send a near-tie to
-        # another expert. sum_slots also keeps the dtype, which CUDA autocast's fp32 sum
-        # would change.
-        y_AO = torch.empty_like(y_NO).index_copy(0, assignment_N, y_NO)
-        y_AO = y_AO * weight_RK.reshape(-1, 1).to(y_AO.dtype)
-        y_MO = sum_slots(y_AO, dst_div)
+        # Output row m sums assignments m*dst_div ... (m+1)*dst_div - 1, weighted in slot
+        # order. Not index_add(dst_N): under activation checkpointing (moe/recompute.py) the
+        # block's FFN router reads this output again in the backward, and on CUDA index_add's
+        # atomics could change its last bit and send a near-tie to another expert
+        # (ops/combine.py).
+        y_MO = combine_slots(y_NO, assignment_N, global_RK.numel(), dst_div, weight_RK.reshape(-1))
         aux.timer.lap("combine")
         return y_MO
 

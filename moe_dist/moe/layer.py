@@ -32,6 +32,7 @@ from moe_dist.moe.router import (
     straight_through_load,
     switch_lb_loss_from_sums,
 )
+from moe_dist.ops.combine import combine_slots
 from moe_dist.parallel.expert_parallel import ExpertParallel
 
 
@@ -101,7 +102,7 @@ class MoEFFN(nn.Module):
         expert_TK, weight_TK, keep_TK, aux, counts_E = self.route(x_route_TD, S, noise_2)
         timer.lap("route")
         # 1. sort assignments by expert (moe/dispatch.py: capacity drops)  2. expert FFNs (across ranks under ep)
-        # 3. scale by routing weight and scatter-add into the tokens
+        # 3. scale by routing weight and sum each token's rows
         keep_P = None if aux.capacity is None else keep_TK.reshape(-1)  # dropless: no mask, no sync
         assignment_N, tokens_per_expert_E, dropped_N, kept_E = dispatch_order(
             expert_TK.reshape(-1), keep_P, self.num_experts, self.ep.size, counts_E
@@ -118,9 +119,10 @@ class MoEFFN(nn.Module):
             # Dispatch in the compute dtype (bf16 under autocast): half the all-to-all bytes.
             y_ND, aux.sent_bytes = self.ep.run(autocast_input(x_TD), token_N, tokens_per_expert_E, self.experts, timer)
             # run() computed the kept prefix of the assignments (the dropped ones sort last).
-            assignment_N, token_N = assignment_N[: y_ND.shape[0]], token_N[: y_ND.shape[0]]
-            w_N = weight_TK.reshape(-1).index_select(0, assignment_N)
-            y_TD = y_ND.new_zeros(B * S, D).index_add(0, token_N, y_ND * w_N.to(y_ND.dtype).unsqueeze(1))
+            # Each row to its slot, weighted in slot order, a token's K slots summed: no
+            # float atomics and one rounding (ops/combine.py); dropped slots stay zero.
+            y_TD = combine_slots(y_ND, assignment_N[: y_ND.shape[0]], B * S * self.top_k, self.top_k,
+                                 weight_TK.reshape(-1))
             timer.lap("combine")
         aux.kept_per_expert, aux.timer = kept_E, timer
         if self.shared is not None:

@@ -13,8 +13,8 @@ under DDP, FSDP2, ZeRO-3 and torch.compile). What a routed block needs besides
 - The same routing. The input is kept exactly, expert and slice dropout hash the global
   row (moe/noise.py), torch restores the RNG state for model.dropout, and the FFN router's
   input x + attention(x) repeats bit for bit because nothing in the attention sums floats
-  through indices (CUDA atomics add in another order every run; models/switchhead.py sums
-  slots instead). A near-tie routed elsewhere in the recompute would give other gradients,
+  through indices in an order-dependent way (CUDA atomics add in another order every run;
+  SwitchHead sums slots instead, ops/combine.py). A near-tie routed elsewhere in the recompute would give other gradients,
   or torch's metadata error once a shape changes. Replaying the forward's routing instead
   (NeMo-Automodel saves the router's top-k) would not need that determinism, but a replay
   list read inside a compiled block makes dynamo guard on Python state.

@@ -37,6 +37,7 @@ from moe_dist.moe.experts import GroupedExperts, autocast_input
 from moe_dist.moe.layer import router_dtype, routing_aux
 from moe_dist.moe.noise import SALT_EXPERT_DROPOUT, SALT_SLICE_DROPOUT, dropout_mask
 from moe_dist.moe.router import RouterLinear, route_topk
+from moe_dist.ops.combine import combine_slots
 from moe_dist.parallel.expert_parallel import ExpertParallel
 
 
@@ -129,7 +130,7 @@ class SliceMoEFFN(nn.Module):
         self.balance.observe(counts_E)
         timer.lap("route")
         # 1. sort (token, slice) assignments by expert (moe/dispatch.py)  2. scale each slice by its
-        # weight  3. expert FFNs  4. scatter-add back into the slice's row, slices in order
+        # weight  3. expert FFNs  4. sum back into the slice's row, slices in order
         # Nothing dropped (dropless, no slice dropout): no mask, so no host sync.
         all_kept = aux.capacity is None and slice_drop_PK is None
         keep_P = None if all_kept else keep_PK.reshape(-1)
@@ -144,11 +145,13 @@ class SliceMoEFFN(nn.Module):
         # too (sorted last, not sent): a copy, where leaving them out would take a second sync.
         x_ND = autocast_input(x_PDs.index_select(0, pair_N) * w_N.to(x_PDs.dtype).unsqueeze(1))
         y_ND, aux.sent_bytes = self.ep.run(x_ND, None, tokens_per_expert_E, self.experts, timer)
-        pair_N = pair_N[: y_ND.shape[0]]  # at ep > 1 only the kept prefix ran (moe/dispatch.py)
         if dropped_N is not None:  # computed (GPU, compile: moe/dispatch.py). Zero the
             # output, not only the weight: the experts' biases map a zero input to nonzero.
             y_ND = y_ND.masked_fill(dropped_N.unsqueeze(1), 0)
-        y_PDs = y_ND.new_zeros(P, self.d_slice).index_add(0, pair_N, y_ND)
+        # At ep > 1 only the kept prefix ran (moe/dispatch.py). Each row to its slot, then a
+        # pair's K slots summed: no float atomics, one rounding (ops/combine.py).
+        n = y_ND.shape[0]
+        y_PDs = combine_slots(y_ND, assignment_N[:n], P * K, K, row_N=pair_N[:n])
         timer.lap("combine")
         aux.kept_per_expert, aux.timer = kept_E, timer
         return y_PDs.view(B, S, D), aux

@@ -44,6 +44,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from moe_dist.ops.activations import activation
+from moe_dist.ops.combine import combine_slots, sum_slots
 from moe_dist.ops.loop import loop_expert_mlp, loop_grouped_mm
 
 _torch_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -236,17 +237,6 @@ _grouped_gemm = _eager_or_op(_grouped_gemm_impl, _grouped_gemm_op)
 _grouped_wgrad = _eager_or_op(_grouped_wgrad_impl, _grouped_wgrad_op)
 
 
-def sum_slots(c_MF: torch.Tensor, per_row: int) -> torch.Tensor:
-    """Sum each run of per_row consecutive rows (a token's K slots) in fp32 (fp64 stays
-    fp64), in c's dtype. Explicit about both because CUDA autocast runs `sum` in fp32 and
-    would change the output's dtype, and with it the dtype of the gradient autograd hands
-    the backward."""
-    if per_row <= 1:
-        return c_MF
-    acc = torch.promote_types(c_MF.dtype, torch.float32)
-    return c_MF.view(-1, per_row, c_MF.shape[1]).sum(1, dtype=acc).to(c_MF.dtype)
-
-
 class _ScatterGroupedMM(torch.autograd.Function):
     """y = scatter(scale_N * act(gather(x)) @ w[e]) on the Triton kernels (see scatter_grouped_mm).
 
@@ -305,15 +295,15 @@ def _plan(tokens_per_expert_E: torch.Tensor, num_rows: int) -> tuple[torch.Tenso
 def _sgmm(x, w_EDF, counts_E, slot_N, gdiv, sdiv, n_out, scale_N, act, backend, plan=None):
     """scatter_grouped_mm after argument checks; plan: a shared _plan for the triton backend."""
     src_N = torch.div(slot_N, gdiv, rounding_mode="floor") if gdiv else None
-    dst_N = torch.div(slot_N, sdiv, rounding_mode="floor") if sdiv else None
     if backend != "triton":  # the unfused torch path: permuted copy, activation, combine
         a = x.index_select(0, src_N) if gdiv else x  # not x[src_N]: see ops/__init__.py
         y = grouped_mm(activation(a, act), w_EDF, counts_E, backend)
         if scale_N is not None:
             y = y * scale_N.to(y.dtype).unsqueeze(1)
-        return y.new_zeros(n_out, y.shape[1]).index_add(0, dst_N, y) if sdiv else y
+        return combine_slots(y, slot_N, n_out * sdiv, sdiv) if sdiv else y  # ops/combine.py: why not index_add
     if act not in _FUSED_ACTS:  # e.g. gelu: elementwise, so applying it before the gather is the same
         x, act = activation(x, act), "none"
+    dst_N = torch.div(slot_N, sdiv, rounding_mode="floor") if sdiv else None
     N = slot_N.shape[0] if gdiv else x.shape[0]
     offs_E1, sched_2B, block_m = plan if plan is not None else _plan(counts_E, N)
     return _ScatterGroupedMM.apply(
@@ -377,7 +367,7 @@ def expert_mlp(
         y_ND = _torch_mm(activation(h_NH, act), w_out_EFD, offs_E)
         if weight_N is not None:
             y_ND = y_ND * weight_N.to(y_ND.dtype).unsqueeze(1)
-        return y_ND.new_zeros(T, y_ND.shape[1]).index_add(0, token_N, y_ND)
+        return combine_slots(y_ND, slot_N, T * top_k, top_k, row_N=token_N)  # ops/combine.py: why not index_add
     plan = _plan(tokens_per_expert_E, slot_N.shape[0])
     h_NH = _sgmm(x_TD, w_in_EDH, tokens_per_expert_E, slot_N, top_k, 0, None, None, "none", backend, plan)
     return _sgmm(h_NH, w_out_EFD, tokens_per_expert_E, slot_N, 0, top_k, T, weight_N, act, backend, plan)
