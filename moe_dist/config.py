@@ -314,7 +314,9 @@ class TrainConfig:
     eval_every: int = 100
     """Evaluate on the val split every N steps (and at the end); 0 = never."""
     eval_batches: int = 8
-    """Micro-batches per evaluation (the val split is read from its start each time)."""
+    """Global batches per evaluation: eval_batches x micro_batch_size x grad_accum_steps x
+    world size sequences, from the start of the val split each time, so a resharded run
+    that keeps the global batch evaluates the same sequences."""
     resume: str = "none"
     """none = fresh run; auto = latest complete checkpoint in run.dir if any; or a path."""
     backend: Literal["torch", "deepspeed"] = "torch"

@@ -113,6 +113,40 @@ def test_deepspeed_zero_checkpoint_reshards(stage, tmp_path):
                     assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (ep, k, a, b)
 
 
+ZERO0 = ["train.backend=deepspeed", "deepspeed.zero_stage=0"]
+SWITCHES = {
+    # FSDP2 cannot step a fused AdamW (DTensors), which DDP uses.
+    "ddp_to_fsdp2": ((2, ["parallel.ep=2", "train.micro_batch_size=4"]),
+                     (2, ["parallel.ep=2", "train.micro_batch_size=4", "train.fsdp=true"])),
+    # DeepSpeed adds parameter groups for the experts at ep > 1 only.
+    "zero0_ep1_to_ep2": ((1, [*ZERO0, "train.micro_batch_size=8"]),
+                         (2, [*ZERO0, "parallel.ep=2", "train.micro_batch_size=4"])),
+}
+
+
+@pytest.mark.parametrize("case", list(SWITCHES))
+def test_resume_where_the_optimizer_is_grouped_or_stepped_differently(case, tmp_path):
+    """A checkpoint's optimizer param_groups describe how ITS run stepped. Restored, DDP's
+    `fused=True` broke FSDP2's first step ("mixed torch.Tensor and DTensor"), and a
+    one-process ZeRO-0 checkpoint lacked the expert groups of ep=2 ("Missing key ...
+    optim_param_groups.2.name"). Only the schedule's learning rate comes back now, and
+    the resumed run continues the uninterrupted one's losses."""
+    (n0, first), (n1, then) = SWITCHES[case]
+    ref = tmp_path / "ref"
+    ok(torchrun(n0, ref, *first, "checkpoint.every=6"))
+    expected = rows(ref, after=6)
+    run = tmp_path / "run"
+    shutil.copytree(ref / "checkpoints" / "step_00000006", run / "checkpoints" / "step_00000006")
+    p = ok(torchrun(n1, run, *then, "train.resume=auto", "checkpoint.every=0", "checkpoint.save_final=false"))
+    assert "step_00000006 (step 6)" in p.stdout
+    got = rows(run)
+    assert [sorted(r) for r in got] == [sorted(r) for r in expected] and len(got) >= 4
+    for a, b in zip(expected, got):
+        for k in ("loss", "lm_loss", "aux_loss", "val_loss", "grad_norm", "lr"):
+            if k in a:
+                assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a, b)
+
+
 def test_resharding_refuses_another_global_batch(tmp_path):
     run = tmp_path / "run"
     ok(torchrun(2, run, "parallel.ep=2", "train.micro_batch_size=4", "train.max_steps=2", "checkpoint.every=2"))

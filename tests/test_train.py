@@ -357,6 +357,84 @@ def test_checkpoint_metadata_is_validated(tmp_path):
         "DIR/meta.json does not list extra_rank00000.pt: refusing unverified files")
     assert broken("dcp", lambda m: m["files"].pop(".metadata")) == (
         "DIR/meta.json does not list .metadata: refusing unverified files")
+    # Entries that are not {bytes: int, sha256: str} for a file of this directory, and
+    # layouts that cannot exist: named, never a TypeError or a division by zero.
+    entry = "(expected a file name in this directory with an int 'bytes' and a str 'sha256')"
+    assert broken("int", lambda m: m["files"].update({"config.yaml": 1})) == (
+        f"DIR/meta.json: malformed entry files['config.yaml'] {entry}")
+    assert broken("nobytes", lambda m: m["files"]["config.yaml"].pop("bytes")) == (
+        f"DIR/meta.json: malformed entry files['config.yaml'] {entry}")
+    assert broken("outside", lambda m: m["files"].update({"../x/config.yaml": m["files"]["config.yaml"]})) == (
+        f"DIR/meta.json: malformed entry files['../x/config.yaml'] {entry}")
+    assert broken("ep0", lambda m: m.update(ep=0)) == (
+        "DIR/meta.json: world_size 1 and ep 0 are no layout (both >= 1, ep dividing world_size)")
+    assert broken("ep3", lambda m: m.update(world_size=4, ep=3)) == (
+        "DIR/meta.json: world_size 4 and ep 3 are no layout (both >= 1, ep dividing world_size)")
+
+
+def test_resume_by_path_rolls_back_and_sets_the_later_branch_aside(tmp_path, capsys):
+    """train.resume=<step 4> in a run at step 6 rolls it back: step 6 and the metrics rows
+    after step 4 are kept aside, named in the log. Left in place, keep_last pruned the new
+    branch's step 4 and kept the old step 6, which a later resume=auto then continued."""
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    base = TINY + [f"run.dir={run}", "train.eval_every=0", "checkpoint.keep_last=2", "checkpoint.save_final=false"]
+    assert main(base + ["train.max_steps=6", "checkpoint.every=2"]) == 0
+    first = read_metrics(run)
+    capsys.readouterr()
+    assert main(base + ["train.max_steps=5", "checkpoint.every=1", f"train.resume={ckpts / 'step_00000004'}"]) == 0
+    out = capsys.readouterr().out
+    assert (f"train.resume rolls the run back to step 4: moved its later checkpoint {ckpts / 'step_00000006'} "
+            f"aside to {ckpts / 'step_00000006.abandoned'}") in out
+    assert f"metrics.jsonl: the rows after step 4 moved to {run / 'metrics.jsonl.abandoned'}" in out
+    assert sorted(os.listdir(ckpts)) == ["step_00000004", "step_00000005", "step_00000006.abandoned"]
+    with open(run / "metrics.jsonl.abandoned") as f:
+        assert [json.loads(line) for line in f] == first[4:]  # the old steps 5 and 6, whole
+    # resume=auto continues the new branch, and the log reads as one run.
+    assert main(base + ["train.max_steps=6", "checkpoint.every=1", "train.resume=auto"]) == 0
+    assert "step_00000005 (step 5)" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
+    assert sorted(os.listdir(ckpts)) == ["step_00000005", "step_00000006", "step_00000006.abandoned"]
+
+
+def test_tokens_and_evaluation_follow_the_sequences_not_the_batch_split(tmp_path):
+    """metrics' `tokens` sums what each step read, so a run resumed with another batch keeps
+    counting right (it was step x this run's batch); an evaluation reads eval_batches global
+    batches, however the global batch splits into micro-batches (it read eval_batches
+    micro-batches: another split evaluated other sequences)."""
+    run = tmp_path / "run"
+    base = TINY + ["model.ffn=dense", "train.eval_every=0", "checkpoint.save_final=false", "data.seq_len=32"]
+    assert main(base + [f"run.dir={run}", "train.max_steps=2", "checkpoint.every=2", "train.micro_batch_size=4"]) == 0
+    assert main(base + [f"run.dir={run}", "train.max_steps=3", "checkpoint.every=0", "train.micro_batch_size=2",
+                        "train.resume=auto"]) == 0
+    assert [r["tokens"] for r in read_metrics(run)] == [128, 256, 256 + 64]
+    # One step, then an evaluation, with the same global batch of 4 split two ways. A dense
+    # model: accumulation then trains the same model (routed layers balance per micro-batch).
+    val = {}
+    for split in (["train.micro_batch_size=4"], ["train.micro_batch_size=2", "train.grad_accum_steps=2"]):
+        d = tmp_path / split[-1]
+        assert main(base + [f"run.dir={d}", "train.max_steps=1", "train.eval_every=1", "train.eval_batches=2",
+                            "checkpoint.every=0", *split]) == 0
+        val[split[-1]] = [r["val_loss"] for r in read_metrics(d) if "val_loss" in r]
+    a, b = val.values()
+    assert len(a) == len(b) == 1 and abs(a[0] - b[0]) <= 1e-5 * abs(a[0]), val
+
+
+def test_an_interrupted_resave_is_restored_whatever_train_resume_says(tmp_path, capsys):
+    """A crash between a re-save's two renames leaves the step only in .tmp-replaced-: a
+    fresh start must see it (and refuse to write over the run), not let its first save's
+    cleanup delete the only copy."""
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    base = TINY + [f"run.dir={run}", "train.eval_every=0", "checkpoint.save_final=false"]
+    assert main(base + ["train.max_steps=2", "checkpoint.every=2"]) == 0
+    os.rename(ckpts / "step_00000002", ckpts / ".tmp-replaced-step_00000002")
+    capsys.readouterr()
+    assert main(base + ["train.max_steps=2", "checkpoint.every=2"]) == 2
+    out, err = capsys.readouterr()
+    assert f"restored {ckpts / 'step_00000002'}: a re-save of that step was interrupted" in out
+    assert "already holds a run (a checkpoint of step 2)" in err
+    assert sorted(os.listdir(ckpts)) == ["step_00000002"]
 
 
 def test_checkpoint_retention_and_resave(tmp_path):

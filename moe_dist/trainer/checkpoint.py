@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from moe_dist.errors import CheckpointError
-from moe_dist.files import sha256_file
+from moe_dist.files import aside_name, sha256_file
 
 FORMATS = (2, 3)
 META, CONFIG = "meta.json", "config.yaml"
@@ -190,12 +190,11 @@ def recover_interrupted_resave(ckpt_root: str) -> list[str]:
     return restored
 
 
-def set_aside(path: str) -> str:
-    """Rename a damaged checkpoint directory to <name>.damaged (or .damaged-N when taken),
-    which list_checkpoints does not match: kept for inspection, never resumed or counted."""
-    aside, n = f"{path}.damaged", 1
-    while os.path.exists(aside):
-        aside, n = f"{path}.damaged-{n}", n + 1
+def set_aside(path: str, why: str = "damaged") -> str:
+    """Rename a checkpoint directory (or file) to <name>.<why> (or .<why>-N when taken),
+    which list_checkpoints does not match: kept for inspection, never resumed or counted.
+    why: "damaged", or "abandoned" for the later steps of a run rolled back."""
+    aside = aside_name(path, why)
     os.rename(path, aside)
     _fsync_dir(os.path.dirname(path))
     return aside
@@ -242,6 +241,16 @@ def verify_checkpoint(path: str, files: Optional[list[str]] = None) -> dict:
     for key, kind in (("step", int), ("world_size", int), ("ep", int), ("files", dict)):
         if not isinstance(meta.get(key), kind):
             raise CheckpointError(f"{meta_path}: missing or malformed key '{key}' (expected {kind.__name__})")
+    if meta["world_size"] < 1 or meta["ep"] < 1 or meta["world_size"] % meta["ep"]:
+        raise CheckpointError(f"{meta_path}: world_size {meta['world_size']} and ep {meta['ep']} are no layout "
+                              "(both >= 1, ep dividing world_size)")
+    for name, want in meta["files"].items():
+        # A name is one file of this directory (no path that leads out of it), with its size and checksum.
+        if os.path.basename(name) != name or name in (".", "..") or not (
+            isinstance(want, dict) and isinstance(want.get("bytes"), int) and isinstance(want.get("sha256"), str)
+        ):
+            raise CheckpointError(f"{meta_path}: malformed entry files[{name!r}] (expected a file name in "
+                                  "this directory with an int 'bytes' and a str 'sha256')")
     named = _STEP_DIR.match(os.path.basename(os.path.normpath(path)))
     if named and int(named.group(1)) != meta["step"]:
         raise CheckpointError(f"{meta_path}: step {meta['step']}, but the directory is {os.path.basename(path)}")

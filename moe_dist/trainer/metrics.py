@@ -2,7 +2,8 @@
 
 On resume from step s, rows after s (written by the run that crashed after its last
 checkpoint) are removed from metrics.jsonl and TensorBoard is told to purge events after s,
-so the files read as one uninterrupted run. A fresh start in a used run directory empties
+so the files read as one uninterrupted run. A resume by path that rolls a run back
+(keep_dropped) keeps the abandoned branch's rows in metrics.jsonl.abandoned. A fresh start in a used run directory empties
 metrics.jsonl and removes the old TensorBoard event files.
 """
 
@@ -12,6 +13,8 @@ import json
 import os
 from typing import Any, Optional
 
+from moe_dist.files import aside_name
+
 # Row fields measured with the wall clock: the only ones a resumed run does not repeat bit for bit.
 WALL_CLOCK_FIELDS = frozenset({"tokens_per_s", "window_tokens_per_s", "model_tflops", "mfu"})
 # Window fields that log_traffic already writes as perf/* scalars: not mirrored under train/.
@@ -19,11 +22,14 @@ _WRITTEN_AS_PERF = frozenset({"window_tokens_per_s", "model_tflops", "mfu"})
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, tensorboard: bool, resume_step: Optional[int]):
+    def __init__(self, run_dir: str, tensorboard: bool, resume_step: Optional[int], keep_dropped: bool = False):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.tb_dir = os.path.join(run_dir, "tb")
         self.unreadable_rows = 0
         """Rows dropped on resume because they were not JSON (a crash mid-append)."""
+        self.keep_dropped = keep_dropped
+        self.dropped_to: Optional[str] = None
+        """Where the rows after the resumed step went (keep_dropped), if there were any."""
         if resume_step is None:  # a fresh run: the run directory's logs start over
             open(self.path, "w").close()
             if os.path.isdir(self.tb_dir):  # or TensorBoard would draw both runs on one axis
@@ -44,7 +50,7 @@ class MetricsLogger:
     def _truncate_after(self, step: int) -> None:
         if not os.path.exists(self.path):
             return
-        kept = []
+        kept, dropped = [], []
         with open(self.path) as f:
             for line in f:
                 if not line.strip():
@@ -57,8 +63,12 @@ class MetricsLogger:
                     # after it. Counted, and the trainer warns.
                     self.unreadable_rows += 1
                     continue
-                if row_step <= step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
+                (kept if row_step <= step else dropped).append(line if line.endswith("\n") else line + "\n")
+        if dropped and self.keep_dropped:
+            aside = aside_name(self.path, "abandoned")
+            with open(aside, "w") as f:
+                f.writelines(dropped)
+            self.dropped_to = aside
         with open(self.path, "w") as f:
             f.writelines(kept)
 

@@ -8,7 +8,12 @@ Keys (one flat DCP state dict; every rank passes its own, DCP plans who writes w
                                   written by the rank that owns expert g
     optim.<fqn>.<key>             AdamW state of a dense parameter (exp_avg, exp_avg_sq, step)
     optim.<fqn>@<g>.<key>         ... of expert g
-    optim_param_groups            hyper-parameters, parameters named by fqn (equal on all ranks)
+
+No optimizer param_groups: the hyper-parameters are config keys that must match to resume,
+the learning rate comes back with the schedule's state (backends.load_scheduler), and the
+rest describes how THIS run steps: FSDP2 cannot take the fused AdamW that DDP uses, and
+DeepSpeed adds expert groups only at ep > 1. Restored, a DDP checkpoint's `fused=True`
+broke FSDP2's first step, and an ep=1 ZeRO-0 checkpoint lacked ep=2's groups.
 
 DeepSpeed, which partitions optimizer state by layout, cannot reload its ZeRO state under a
 different ep (its issues #5716, #6589, #8147). Here the unit is the expert, not the rank's
@@ -62,7 +67,6 @@ def _entries(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
     for name, state in optim_sd["state"].items():
         for key, t in state.items():
             _put(flat, f"optim.{name}", f".{key}", t, stacks.get(name), rows.get(name, 0))
-    flat["optim_param_groups"] = optim_sd["param_groups"]
     return model_sd, optim_sd, flat
 
 
@@ -98,7 +102,6 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     for name, state in optim_sd["state"].items():
         if name in stacks and "step" in state and state["step"].ndim == 0:
             state["step"].copy_(flat[f"optim.{name}@{stacks[name]}.step"])
-    optim_sd["param_groups"] = flat["optim_param_groups"]
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
 

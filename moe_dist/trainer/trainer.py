@@ -190,6 +190,15 @@ class Trainer:
         self.run_dir = os.path.abspath(os.path.expanduser(cfg.run.dir))
         _check_run_dir(self.run_dir)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        # Before anything lists the checkpoints, whatever train.resume says: a fresh start or
+        # a resume by path would otherwise let the first save's cleanup of .tmp-* delete it.
+        if self.is_main:
+            for path in ckpt.recover_interrupted_resave(self.ckpt_dir):
+                self.log(f"restored {path}: a re-save of that step was interrupted")
+        if self.layout.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()  # the others list the checkpoints after rank 0's repair
         self._refuse_to_overwrite()
         use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
@@ -200,14 +209,6 @@ class Trainer:
             self.ds_config = deepspeed_config(cfg, self.layout.world_size, use_bf16)
 
         # Resume point first: a bad checkpoint must fail before any data or model work.
-        if cfg.train.resume == "auto":
-            if self.is_main:
-                for path in ckpt.recover_interrupted_resave(self.ckpt_dir):
-                    self.log(f"restored {path}: a re-save of that step was interrupted")
-            if self.layout.distributed:
-                import torch.distributed as dist
-
-                dist.barrier()  # the others list the checkpoints after rank 0's repair
         self.resume_path, resume_meta, resume_state, old_yaml = self._open_resume()
         if self.resume_path is not None:
             diffs = _config_diff(yaml.safe_load(old_yaml), cfg.to_dict()) + _backend_diff(
@@ -219,6 +220,7 @@ class Trainer:
                     "to resume): " + "; ".join(diffs)
                 )
             self._check_reshard(resume_meta)
+            self._set_aside_later_checkpoints(resume_meta["step"])
 
         self.data_dir, self.manifest = self._prepare_data()
         if cfg.data.verify_shards:
@@ -287,6 +289,8 @@ class Trainer:
             verify=False,  # verify_shards above, split across the ranks
         )
         self.step = 0
+        self.tokens = 0
+        """Training tokens so far, summed step by step (metrics' `tokens`; kept in checkpoints)."""
         self._pending_save = None
         self.saving: Optional[int] = None
         """The step whose checkpoint is being written, while a save runs."""
@@ -307,9 +311,12 @@ class Trainer:
         self.metrics = None
         if self.is_main:
             dump_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+            rollback = cfg.train.resume not in ("none", "auto")
             self.metrics = MetricsLogger(
-                self.run_dir, cfg.logging.tensorboard, self.step if self.resume_path else None
+                self.run_dir, cfg.logging.tensorboard, self.step if self.resume_path else None, keep_dropped=rollback
             )
+            if self.metrics.dropped_to is not None:
+                self.log(f"metrics.jsonl: the rows after step {self.step} moved to {self.metrics.dropped_to}")
             if self.metrics.unreadable_rows:
                 self.log(f"warning: dropped {self.metrics.unreadable_rows} unreadable row(s) of "
                          f"{self.metrics.path} (a write cut short by the crash)")
@@ -367,6 +374,32 @@ class Trainer:
                 f"write over: set train.resume=auto to continue it, or use another run.dir, or delete {self.run_dir}"
             )
 
+    def _set_aside_later_checkpoints(self, step: int) -> None:
+        """train.resume=<path> of step s, in a run.dir holding checkpoints after s, rolls
+        the run back (past a loss spike, say). The later ones are the abandoned branch's:
+        left in place, keep_last would prune the new branch's checkpoints in their favour and
+        a later train.resume=auto would continue the abandoned run. They are renamed
+        step_N.abandoned (never deleted), before any work; all ranks hear of a failure."""
+        if self.cfg.train.resume in ("none", "auto"):
+            return
+        error = None
+        if self.is_main:
+            for s in ckpt.list_checkpoints(self.ckpt_dir):
+                if s <= step:
+                    continue
+                path = os.path.join(self.ckpt_dir, ckpt.step_dir_name(s))
+                try:
+                    aside = ckpt.set_aside(path, "abandoned")
+                except OSError as e:
+                    error = (f"train.resume={self.cfg.train.resume} rolls {self.run_dir} back to step {step}, but its "
+                             f"later checkpoint {path} could not be moved aside ({e.strerror or e}); move it yourself")
+                    break
+                self.log(f"train.resume rolls the run back to step {step}: moved its later checkpoint {path} "
+                         f"aside to {aside}")
+        error = next((e for e in self.layout.gather_object(error) if e is not None), None)
+        if error is not None:
+            raise CheckpointError(error)
+
     def _open_resume(self) -> tuple[Optional[str], Any, Any, Any]:
         """(path, meta, this rank's state, config yaml) of the checkpoint to resume, or Nones.
         A damaged checkpoint is an error naming the file; with train.resume=auto and
@@ -405,6 +438,9 @@ class Trainer:
             self.log(f"warning: {first}; checkpoint.fallback=true: trying the checkpoint before it")
         return None, None, None, None
 
+    def _tokens_per_step(self) -> int:
+        return self._global_batch() * self.cfg.data.seq_len
+
     def _global_batch(self) -> int:
         return self.cfg.train.micro_batch_size * self.cfg.train.grad_accum_steps * self.layout.world_size
 
@@ -440,6 +476,9 @@ class Trainer:
         self.train_loader.load_state_dict(state["train_loader"])
         _set_rng_state(state["rng"])
         self.step = int(state["step"])
+        # Counted, not step x tokens per step: the batch may change on resume. A checkpoint
+        # from before the count assumes this run's batch for its steps.
+        self.tokens = int(state.get("tokens", self.step * self._tokens_per_step()))
         if meta["world_size"] != self.layout.world_size:
             # Resharded: every rank read rank 0's extras; give each its own stream again.
             _seed_forward_rng(self.cfg.run.seed, self.layout.rank, self.step)
@@ -462,6 +501,7 @@ class Trainer:
         L, c = self.layout, self.cfg.checkpoint
         extras = {
             "step": self.step,
+            "tokens": self.tokens,
             "scheduler": self.backend.scheduler.state_dict(),
             "rng": _rng_state(),
             "train_loader": self.train_loader.state_dict(),
@@ -526,9 +566,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over the first train.eval_batches global batches of the val split.
-        Every rank reads the same global batches and evaluates its rows (the forward is
-        collective under ep), so the result does not depend on the layout."""
+        """Mean loss over the first train.eval_batches global batches of the val split, read
+        in chunks of micro_batch_size x world sequences. Every rank reads the same chunks and
+        evaluates its rows (the forward is collective under ep), so the result does not
+        depend on how the global batch is split over ranks and micro-batches."""
         c, B, r = self.cfg, self.cfg.train.micro_batch_size, self.layout.rank
         loader = build_loader(
             self.data_dir, self.manifest, "val", c.data.seq_len, B * self.layout.world_size,
@@ -537,7 +578,7 @@ class Trainer:
         self.backend.module.eval()
         losses = []
         for i, batch in enumerate(loader):
-            if i >= c.train.eval_batches:
+            if i >= c.train.eval_batches * c.train.grad_accum_steps:
                 break
             batch = batch[r * B : (r + 1) * B].to(self.device)
             with self._autocast():
@@ -597,7 +638,7 @@ class Trainer:
 
     def fit(self) -> None:
         c = self.cfg
-        tokens_per_step = c.train.micro_batch_size * c.data.seq_len * c.train.grad_accum_steps * self.layout.world_size
+        tokens_per_step = self._tokens_per_step()
         progress = None
         if c.logging.progress and self.is_main:
             from tqdm import tqdm
@@ -612,7 +653,8 @@ class Trainer:
             row = self.train_step(next(data) for _ in range(c.train.grad_accum_steps))
             seconds = time.perf_counter() - t0
             row["tokens_per_s"] = tokens_per_step / seconds
-            row["tokens"] = self.step * tokens_per_step
+            self.tokens += tokens_per_step
+            row["tokens"] = self.tokens
             last = self.step == c.train.max_steps
             save_due = (c.checkpoint.every > 0 and self.step % c.checkpoint.every == 0) or (last and c.checkpoint.save_final)
             window = None
