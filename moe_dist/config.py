@@ -605,6 +605,21 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load keeps the last of two equal keys: a second `train:` section would
+    replace the first whole, its keys back at their defaults without a word. Refused."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} at line {line} (first at line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> Config:
     """Load a YAML config (or the defaults when path is None) and apply key=value overrides."""
     data: dict[str, Any] = {}
@@ -615,9 +630,11 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> C
             raise ConfigError(f"config file not found: {path}")
         try:
             with open(path) as f:
-                loaded = yaml.safe_load(f)
+                loaded = yaml.load(f, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -238,3 +238,28 @@ def test_adamw_is_fused_for_plain_tensors_and_steps_like_the_default():
     for n, p in model.named_parameters():
         assert not torch.equal(p, start[n])  # it stepped
         torch.testing.assert_close(p, reference[n], rtol=1e-6, atol=1e-7)
+
+
+def test_weight_decay_reaches_matrices_only_in_every_shipped_config():
+    """optim.weight_decay: matrices decay; norms, embeddings and biases do not, the stacked
+    expert biases of SliceMoE ([E, H], two dims) included (they decayed by their ndim)."""
+    import glob
+
+    from moe_dist.models.transformer import LM
+    from moe_dist.parallel.layout import ParallelLayout
+    from moe_dist.trainer.backends import param_groups
+
+    seen = set()
+    for path in sorted(glob.glob(f"{REPO}/configs/*.yaml")):
+        model = LM(load_config(path), 512, ParallelLayout.single())
+        names = {id(p): n for n, p in model.named_parameters()}
+        decay, no_decay = param_groups(model.named_parameters(), 0.1)
+        assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+        for p in no_decay["params"]:
+            leaf = names[id(p)].rsplit(".", 1)[-1]
+            assert p.ndim == 1 or "embed" in names[id(p)] or leaf.startswith("b_"), names[id(p)]
+            seen.add(leaf)
+        for p in decay["params"]:
+            leaf = names[id(p)].rsplit(".", 1)[-1]
+            assert p.ndim >= 2 and leaf in ("weight", "w_in_EDH", "w_out_EFD", "w_GIO"), names[id(p)]
+    assert {"b_in_EH", "b_out_ED", "bias", "weight"} <= seen  # SliceMoE's expert biases, norms, embeddings

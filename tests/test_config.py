@@ -66,6 +66,14 @@ def test_file_errors_name_the_file(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="expected a mapping of sections"):
         load_config(str(bad))
+    # YAML keeps the last of two equal keys: the first train section would be lost whole.
+    bad.write_text("train:\n  max_steps: 5\nmodel:\n  d_model: 32\ntrain:\n  micro_batch_size: 4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(bad))
+    assert str(e.value) == f"{bad}: duplicate key 'train' at line 5 (first at line 1)"
+    bad.write_text("train:\n  max_steps: 5\n  max_steps: 6\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: duplicate key 'max_steps' at line 3 \(first at line 2\)$"):
+        load_config(str(bad))
 
 
 def test_every_shipped_config_loads():

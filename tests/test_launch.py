@@ -136,3 +136,66 @@ def test_rank0_alone_may_take_longer_than_the_collective_timeout(tmp_path):
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert os.path.isfile(tmp_path / "run" / "checkpoints" / "step_00000002" / "meta.json")
+
+
+def test_srun_tasks_without_rank_are_refused(monkeypatch):
+    """Plain `srun -n 4 python -m moe_dist.train`: no RANK, so each task was a world of
+    one, all training into the same run.dir."""
+    from moe_dist.config import ParallelConfig
+    from moe_dist.errors import LaunchError
+    from moe_dist.parallel.layout import ParallelLayout
+
+    for var in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    with pytest.raises(LaunchError) as e:
+        ParallelLayout.from_env(ParallelConfig())
+    assert str(e.value).startswith("launched by srun with 4 tasks (SLURM_STEP_NUM_TASKS) but RANK is not set")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # one task (or a batch script): one process
+    assert ParallelLayout.from_env(ParallelConfig()).world_size == 1
+
+
+def test_mpirun_master_address_is_never_loopback_across_nodes(monkeypatch):
+    """Rank 0 tells the others where to connect. Its hostname resolving to 127.0.1.1
+    (Debian's /etc/hosts) is fine on one node; across nodes the default route's address
+    is taken, and with none an error names MASTER_ADDR."""
+    import socket
+
+    from moe_dist.errors import LaunchError
+    from moe_dist.parallel.layout import master_address
+
+    class Udp:
+        addr = "10.1.2.3"
+
+        def __init__(self, *a):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def connect(self, where):
+            pass
+
+        def getsockname(self):
+            return (self.addr, 5)
+
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
+    monkeypatch.setattr(socket, "socket", Udp)
+    assert master_address(multi_node=False) == "127.0.1.1"
+    assert master_address(multi_node=True) == "10.1.2.3"
+    Udp.addr = "127.0.0.1"  # no route out either
+    with pytest.raises(LaunchError, match="resolves to 127.0.0.1, which the other nodes cannot reach: set MASTER_ADDR"):
+        master_address(multi_node=True)
+    monkeypatch.setenv("MASTER_ADDR", "10.9.9.9")
+    assert master_address(multi_node=True) == "10.9.9.9"
+
+
+def test_deepspeed_sh_refuses_its_slurm_runner():
+    """DeepSpeed's SLURM runner starts `python -u moe_dist.train` (it drops --module)."""
+    p = subprocess.run(["bash", "launch/deepspeed.sh", "configs/quickstart.yaml"], cwd=REPO, capture_output=True,
+                       text=True, env=dict(os.environ, DS_LAUNCHER="slurm", HOSTFILE="hosts"), timeout=60)
+    assert p.returncode == 2 and "use launch/slurm.sbatch" in p.stderr

@@ -199,8 +199,18 @@ def test_explicit_data_dir_must_match_the_tokenizer_and_hold_seq_len(tmp_path, c
     assert main(args + ["data.seq_len=64"]) == 2
     assert (f"error: data.seq_len=64 is longer than the samples of {where}, prepared at seq_len 32: "
             "lower data.seq_len, or prepare the data again with --seq-len 64") in capsys.readouterr().err
+    assert main(args + ["data.seq_len=24"]) == 2  # one window of 24 per sample of 32: 8 targets unread
+    assert (f"error: data.seq_len=24 does not divide the seq_len 32 of {where}: the last 8 targets of every "
+            "sample (25% of the data) would never be read; use a divisor of 32, or prepare the data again "
+            "with --seq-len 24") in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
     assert main(args + ["data.seq_len=16"]) == 0
+    assert "warning" not in capsys.readouterr().out  # the config's data keys are the manifest's
+    # The manifest decides what is read; config values it does not use are named.
+    assert main(args + ["data.seq_len=16", "data.source=/elsewhere", "data.val_fraction=0.5", "run.dir="
+                        f"{tmp_path}/run2"]) == 0
+    assert (f"warning: data.dir={d} ({d}/manifest.json) decides the data; not read: data.source=/elsewhere "
+            "(prepared: sotu), data.val_fraction=0.5 (prepared: 0.05)") in capsys.readouterr().out
 
 
 def test_corrupt_val_shard_stops_training_before_any_step(tmp_path, capsys):

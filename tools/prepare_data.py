@@ -43,8 +43,8 @@ def main(argv=None) -> int:
         )
         cfg.validate()
         out = a.out or default_data_dir(cfg)
-        if os.path.exists(out) and os.listdir(out):
-            raise ConfigError(f"--out {out} already exists and is not empty")
+        if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+            raise ConfigError(f"--out {out} already exists and is not an empty directory")
         manifest = prepare(cfg, out)
     except MoeDistError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -73,7 +73,19 @@ def ensure_prepared(cfg: DataConfig, log=print) -> tuple[str, dict]:
     manifest = read_manifest(data_dir)
     if cfg.dir is not None:
         _check_matches(cfg, data_dir, manifest)
+        _name_unread_keys(cfg, data_dir, manifest, log)
     return data_dir, manifest
+
+
+def _name_unread_keys(cfg: DataConfig, data_dir: str, manifest: dict, log) -> None:
+    """With a data.dir, the manifest decides the source, vocabulary and split; the config's
+    own values for them are not read. Where they differ, say so, or a run given
+    data.source=new/ with an old data.dir would look like it trains on new/."""
+    keys = ["source", "val_fraction", "max_docs"] + (["vocab_size"] if manifest.get("tokenizer") == "bpe" else [])
+    differ = [f"data.{k}={getattr(cfg, k)} (prepared: {manifest.get(k)})" for k in keys if getattr(cfg, k) != manifest.get(k)]
+    if differ:
+        log(f"warning: data.dir={cfg.dir} ({os.path.join(data_dir, MANIFEST)}) decides the data; not read: "
+            + ", ".join(differ))
 
 
 def _check_matches(cfg: DataConfig, data_dir: str, manifest: dict) -> None:
@@ -91,4 +103,12 @@ def _check_matches(cfg: DataConfig, data_dir: str, manifest: dict) -> None:
         raise DataError(
             f"data.seq_len={cfg.seq_len} is longer than the samples of {where}, prepared at seq_len "
             f"{prepared}: lower data.seq_len, or prepare the data again with --seq-len {cfg.seq_len}"
+        )
+    if prepared % cfg.seq_len:
+        # A sample holds prepared // seq_len whole windows; the rest of it would never be read.
+        lost = prepared % cfg.seq_len
+        raise DataError(
+            f"data.seq_len={cfg.seq_len} does not divide the seq_len {prepared} of {where}: the last {lost} "
+            f"targets of every sample ({100 * lost / prepared:.0f}% of the data) would never be read; use a "
+            f"divisor of {prepared}, or prepare the data again with --seq-len {cfg.seq_len}"
         )

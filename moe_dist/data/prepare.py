@@ -181,6 +181,8 @@ def prepare(spec: DataConfig, out_dir: str) -> dict:
         except OSError:
             # Someone else finished preparing the same directory first: theirs is as good.
             if not os.path.isfile(os.path.join(out_dir, MANIFEST)):
+                if os.path.exists(out_dir):  # a half copy, or a manifest deleted by hand
+                    raise DataError(f"{out_dir} exists but holds no {MANIFEST}: remove it, then prepare again") from None
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,7 +1,9 @@
 """Tokenizers that need no network: a byte-level BPE trained locally, GPT-2's BPE, raw bytes.
 
 All three are lossless: decode(encode(text)) == text for any Unicode string, because every
-one of them works on UTF-8 bytes. Each document is followed by one end-of-text token.
+one of them works on UTF-8 bytes. Each document is followed by one end-of-text token, and
+only there: the text "<|endoftext|>" inside a document (web and code corpora hold it) is
+encoded as the ordinary characters it is.
 The prepared data directory holds the tokenizer in `tokenizer.json`; `load_tokenizer`
 rebuilds it from there, so training never depends on how the data was prepared.
 """
@@ -60,6 +62,9 @@ class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizers` byte-level BPE (trained here, or GPT-2's merges)."""
 
     def __init__(self, tok, kind: str):
+        # Hugging Face picks registered special tokens out of the input before BPE: the text
+        # "<|endoftext|>" became a document boundary mid-document, and decode deleted it.
+        tok.encode_special_tokens = True
         self._tok = tok
         self.kind = kind
         self.vocab_size = tok.get_vocab_size()

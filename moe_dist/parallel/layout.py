@@ -87,6 +87,14 @@ class ParallelLayout:
         mpirun they come from MPI, see env_from_mpi), validate the layout, and create the
         process groups when world > 1."""
         env_from_mpi()
+        tasks = _env_int("SLURM_STEP_NUM_TASKS", 1)
+        if os.environ.get("RANK") is None and tasks > 1:
+            # Plain `srun -n N python -m moe_dist.train`: nothing sets RANK, and each task
+            # would train alone into the same run.dir.
+            raise LaunchError(
+                f"launched by srun with {tasks} tasks (SLURM_STEP_NUM_TASKS) but RANK is not set: each would "
+                "train alone. Use launch/slurm.sbatch (torchrun on every node), or srun --mpi=pmix/pmi2 with mpi4py"
+            )
         world = _env_int("WORLD_SIZE", 1)
         rank = _env_int("RANK", 0)
         local_rank = _env_int("LOCAL_RANK", 0)
@@ -155,14 +163,19 @@ def env_from_mpi() -> None:
 
     comm = MPI.COMM_WORLD
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    addr_port = None
+    found = None
     if comm.Get_rank() == 0:
         with socket.socket() as sock:
             sock.bind(("", 0))
             port = sock.getsockname()[1]
-        addr = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
-        addr_port = (addr, port)
-    addr, port = comm.bcast(addr_port, root=0)
+        multi_node = local.Get_size() < comm.Get_size()
+        try:
+            found = (master_address(multi_node), port, None)
+        except LaunchError as e:
+            found = (None, None, str(e))
+    addr, port, error = comm.bcast(found, root=0)
+    if error is not None:  # on every rank, none left waiting
+        raise LaunchError(error)
     os.environ.update(
         RANK=str(comm.Get_rank()),
         WORLD_SIZE=str(comm.Get_size()),
@@ -170,6 +183,31 @@ def env_from_mpi() -> None:
         MASTER_ADDR=addr,
         MASTER_PORT=str(port),
     )
+
+
+def master_address(multi_node: bool) -> str:
+    """Rank 0's address for the others to reach: MASTER_ADDR if set, else this host's
+    name's address, else the source address of the default route. A hostname often
+    resolves to loopback (Debian's /etc/hosts maps it to 127.0.1.1), which ranks on other
+    nodes would take for their own machine and wait on: refused for a multi-node job."""
+    import socket
+
+    if os.environ.get("MASTER_ADDR"):
+        return os.environ["MASTER_ADDR"]
+    addr = socket.gethostbyname(socket.gethostname())
+    if addr.startswith("127.") and multi_node:
+        try:  # connect() on UDP sends nothing: it only picks the outgoing interface
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect(("10.255.255.255", 1))
+                addr = s.getsockname()[0]
+        except OSError:
+            pass
+        if addr.startswith("127.") or addr == "0.0.0.0":
+            raise LaunchError(
+                f"mpirun across nodes, but rank 0's host {socket.gethostname()} resolves to {addr}, which the "
+                "other nodes cannot reach: set MASTER_ADDR to an address of it they can (e.g. mpirun -x MASTER_ADDR=...)"
+            )
+    return addr
 
 
 def expert_placement(num_experts: int, ep: int) -> list[int]:

@@ -32,13 +32,20 @@ from moe_dist.trainer import sharded_state
 from moe_dist.trainer.schedule import lr_factor
 
 
+def _decays(name: str, p: torch.Tensor) -> bool:
+    """A matrix, not an embedding, and not a bias: stacked expert biases ([E, H], named b_*,
+    moe/experts.py) have two dims but are biases all the same."""
+    leaf = name.rsplit(".", 1)[-1]
+    return p.ndim >= 2 and "embed" not in name and "pos." not in name and not leaf.startswith("b_")
+
+
 def param_groups(params, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: matrices decay; norms, biases and embeddings (tied readout included) do not.
     `params` are (name, parameter) pairs."""
     decay, no_decay = [], []
     for name, p in params:
         if p.requires_grad:
-            (decay if p.ndim >= 2 and "embed" not in name and "pos." not in name else no_decay).append(p)
+            (decay if _decays(name, p) else no_decay).append(p)
     return [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
