@@ -11,7 +11,8 @@ world passed in explicitly rather than read from globals. As with those, a consu
 epoch is its own shards: shards hold different sample counts (the last is partial) and
 ranks different shard counts, so consumers start their next epochs at different steps,
 and the global batches around an epoch's end repeat some windows before others are read
-(in one measured case, 2 ranks over 7 shards: 48 of 1,632 windows twice, 61 not yet).
+(measured: 2 ranks, shards of 300, 300, 300, 300 and 203 windows, 8 rows each per step:
+in the 87 steps of one epoch's windows, 96 of the 1,403 came twice and 107 not at all).
 data.rank_split=batch has one consumer, and exact epochs.
 """
 
