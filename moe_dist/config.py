@@ -212,7 +212,7 @@ class AttentionConfig:
     entropy_loss_weight: float = 0.0
     """Entropy regulariser on the gates (the SwitchHead paper uses none; MoEUT may)."""
     entropy_scope: Literal["batch", "sequence"] = "batch"
-    """As moe.entropy_scope, for the gates."""
+    """As moe.entropy_scope, for the gates; either way the heads' terms are averaged."""
     bias_update_rate: float = 0.0
     """Aux-loss-free balancing of the gates (see moe.bias_update_rate); 0 = off."""
 

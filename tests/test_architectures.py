@@ -141,6 +141,32 @@ def test_sequence_entropy_scope_matches_the_moeut_reference():
     assert abs(LM(batch, 50).double()(torch.randint(0, 50, (B, S))).aux_loss.item() - expected.item()) > 1e-6
 
 
+def test_batch_entropy_scope_averages_heads_like_the_sequence_scope():
+    """entropy_scope=batch: p = mean softmax over the whole batch and every repeat, per head;
+    sum p log p; mean over heads. (The heads were summed: a weight H times stronger than
+    under the sequence scope and the authors' code.)"""
+    cfg = moeut_cfg(["attention.entropy_loss_weight=0.001"])
+    torch.manual_seed(0)
+    lm = LM(cfg, 50).double()
+    B, S, H, E_att = 3, 8, 2, 3
+    logits = {}
+    for j, block in enumerate(lm.blocks):
+        for name, mod in (("ffn", block.ffn.router), ("src", block.attn.gate_src), ("dst", block.attn.gate_dst)):
+            mod.register_forward_hook(lambda m, i, o, key=(j, name): logits.setdefault(key, []).append(o))
+    out = lm(torch.randint(0, 50, (B, S)))
+
+    def reference(calls, heads, E, weight):
+        p = torch.cat([torch.softmax(c.view(-1, heads, E), -1) for c in calls]).mean(0)  # [heads, E]
+        return weight * (p * p.log()).sum(-1).mean()  # mean over heads
+
+    per_block = [
+        reference(logits[(j, "ffn")], 1, 6, 0.01) + reference(logits[(j, "src")], H, E_att, 0.001)
+        + reference(logits[(j, "dst")], H, E_att, 0.001)
+        for j in (0, 1)
+    ]
+    torch.testing.assert_close(out.aux_loss, sum(per_block).float())
+
+
 # ----------------------------------------------------------------------------- SwitchHead
 
 

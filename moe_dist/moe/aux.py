@@ -96,12 +96,22 @@ def entropy_fields(
     """(probs_sum, num_rows, num_sequences, entropy_reg term) for a routed call's MoEAux, after
     its all-reduce. Sequence scope (probs_seq given): summed is sequence_probs's logged value
     summed over ranks, averaged over the global batch's sequences x heads (rows: the global
-    row count). Batch scope: summed is the softmax summed over the global batch."""
+    row count). Batch scope: summed is the softmax summed over the global batch ([E], or
+    [H, E] for SwitchHead's gates, whose heads are averaged, as the sequence scope does)."""
     if probs_seq is not None:
         num_sequences = rows / rows_per_seq * heads
         return probs_seq, rows_per_seq, num_sequences, summed / num_sequences
     probs_sum = summed.float()
-    return probs_sum, rows, None, entropy_regularizer(probs_sum, rows)
+    return probs_sum, rows, None, batch_entropy(probs_sum, rows)
+
+
+def batch_entropy(probs_sum: torch.Tensor, rows) -> torch.Tensor:
+    """entropy_scope=batch: sum_e p log p of the batch's mean softmax, averaged over heads
+    when there are some ([H, E]): the MoEUT authors average heads, and the sequence scope
+    does, so one attention.entropy_loss_weight means the same in both scopes (summed, a
+    weight was H times stronger under batch)."""
+    heads = probs_sum.shape[0] if probs_sum.ndim > 1 else 1
+    return entropy_regularizer(probs_sum, rows) / heads
 
 
 def total_aux_loss(auxes: list[MoEAux]) -> torch.Tensor:
@@ -123,11 +133,10 @@ def total_aux_loss(auxes: list[MoEAux]) -> torch.Tensor:
     for group in pooled.values():
         probs_sum = torch.stack([a.probs_sum for a in group]).sum(0)
         rows = sum(a.num_rows for a in group)
-        term = entropy_regularizer(probs_sum, rows)  # sums p log p over sequences too
         if group[0].num_sequences is None:
-            total = total + group[0].entropy_weight * term
-        else:
-            per_sequence.append((group[0], term))
+            total = total + group[0].entropy_weight * batch_entropy(probs_sum, rows)
+        else:  # sums p log p over sequences (and heads); averaged once summed over ranks
+            per_sequence.append((group[0], entropy_regularizer(probs_sum, rows)))
     if per_sequence:
         sums = per_sequence[0][0].sum_over_ranks([term for _, term in per_sequence])
         for (a, _), summed in zip(per_sequence, sums):
