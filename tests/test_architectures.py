@@ -342,6 +342,11 @@ def test_init_is_fan_in_under_peri_layernorm_and_scaled_normal_under_pre():
         assert lm.blocks[0].ffn.experts.w_in_EDH.std().item() == pytest.approx(0.02, rel=0.1)
         assert lm.blocks[0].ffn.experts.w_out_EFD.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.1)
     assert LM(moeut_cfg(wide), 50).embed.weight.std().item() == pytest.approx(0.02, rel=0.1)  # tied: see models/init.py
+    # Softmax experts (weights summing to 1) count one expert's width on the output side;
+    # sigma-MoE's all-experts rule gave them sqrt(E) = 4x smaller outputs.
+    for ffn in (["model.ffn=moe"], ["model.ffn=slice_moe", "moe.num_slices=2"]):
+        w_out = LM(moeut_cfg(wide + ffn), 50).blocks[0].ffn.experts.w_out_EFD
+        assert w_out.std().item() == pytest.approx(gain / math.sqrt(32), rel=0.1), ffn
 
 
 # ----------------------------------------------------------------------------- SliceMoE

@@ -67,11 +67,13 @@ class GroupedExperts(nn.Module):
         self.b_in_EH = nn.Parameter(torch.zeros(num_experts, H)) if bias else None
         self.b_out_ED = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
 
-    def reset_parameters(self, std_in: float, std_out: float, gain: Optional[float] = None) -> None:
+    def reset_parameters(self, std_in: float, std_out: float, gain: Optional[float] = None, pooled: bool = True) -> None:
+        """pooled (the fan_in scheme's output side): the fan-in is every expert's width,
+        E * F, as in the MoEUT authors' sigma-MoE, whose experts are slices of one dense
+        layer (the k selected outputs summed with sigmoid weights <= 1). Softmax experts,
+        whose k weights sum to 1, pass False: one expert's width, F."""
         normal_(self.w_in_EDH, std_in, gain, self.d_model)
-        # fan_in: the output side's fan-in is every expert's width, E * F, as in the MoEUT
-        # authors' sigma-MoE (the k selected outputs are summed with sigmoid weights <= 1).
-        normal_(self.w_out_EFD, std_out, gain, self.num_experts * self.d_expert)
+        normal_(self.w_out_EFD, std_out, gain, (self.num_experts if pooled else 1) * self.d_expert)
         if self.b_in_EH is not None:
             nn.init.zeros_(self.b_in_EH)
             nn.init.zeros_(self.b_out_ED)

@@ -57,7 +57,8 @@ class MoEFFN(nn.Module):
     def reset_parameters(self, std: float, std_out: float, gain: Optional[float] = None) -> None:
         normal_(self.router.weight, std, gain, self.router.weight.shape[1])
         scale = self.cfg.expert_init_scale
-        self.experts.reset_parameters(std * scale, std_out * scale, None if gain is None else gain * scale)
+        self.experts.reset_parameters(std * scale, std_out * scale, None if gain is None else gain * scale,
+                                      pooled=self.score == "sigmoid")
         if self.shared is not None:
             self.shared.reset_parameters(std, std_out, gain)
 

@@ -89,7 +89,8 @@ class SliceMoEFFN(nn.Module):
             normal_(fc.weight, std, gain, fc.weight.shape[1])
             nn.init.zeros_(fc.bias)
         scale = self.cfg.expert_init_scale
-        self.experts.reset_parameters(std * scale, std_out * scale, None if gain is None else gain * scale)
+        self.experts.reset_parameters(std * scale, std_out * scale, None if gain is None else gain * scale,
+                                      pooled=False)  # softmax weights that sum to 1
 
     def shard_experts(self) -> None:
         """Keep only this rank's experts (expert parallelism); call after init."""
