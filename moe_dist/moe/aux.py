@@ -110,8 +110,8 @@ def batch_entropy(probs_sum: torch.Tensor, rows) -> torch.Tensor:
     when there are some ([H, E]): the MoEUT authors average heads, and the sequence scope
     does, so one attention.entropy_loss_weight means the same in both scopes (summed, a
     weight was H times stronger under batch)."""
-    heads = probs_sum.shape[0] if probs_sum.ndim > 1 else 1
-    return entropy_regularizer(probs_sum, rows) / heads
+    term = entropy_regularizer(probs_sum, rows)
+    return term / probs_sum.shape[0] if probs_sum.ndim > 1 else term  # no launch for one head
 
 
 def total_aux_loss(auxes: list[MoEAux]) -> torch.Tensor:
