@@ -41,7 +41,7 @@ from moe_dist.config import Config
 from moe_dist.errors import ConfigError, LaunchError
 from moe_dist.moe.experts import is_expert_param
 from moe_dist.parallel.grads import clip_grad_norm, reduce_expert_gradients
-from moe_dist.parallel.layout import ParallelLayout
+from moe_dist.parallel.layout import ParallelLayout, expert_placement
 from moe_dist.trainer import sharded_state
 from moe_dist.trainer.backends import build_adamw, build_scheduler, param_groups
 
@@ -159,7 +159,7 @@ def _register_groups(layout: ParallelLayout) -> str:
     return name
 
 
-def _expert_groups_marker(num_experts: int, ep: int, name: str) -> torch.nn.Module:
+def _expert_groups_marker(num_experts: int, num_local: int, ep: int, name: str) -> torch.nn.Module:
     from deepspeed.moe.layer import MoE
 
     class _ExpertGroups(MoE):
@@ -169,7 +169,7 @@ def _expert_groups_marker(num_experts: int, ep: int, name: str) -> torch.nn.Modu
         def __init__(self):
             torch.nn.Module.__init__(self)  # not MoE.__init__: no DeepSpeed gate or experts
             self.num_experts, self.ep_size, self.expert_group_name = num_experts, ep, name
-            self.num_local_experts = num_experts // ep
+            self.num_local_experts = num_local  # this rank's, of an uneven placement too
 
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
             from deepspeed.utils import groups
@@ -269,7 +269,9 @@ class DeepSpeedBackend:
             name = _register_groups(layout)
             for p in experts:
                 p.allreduce, p.group_name = False, name
-            model.add_module("_ds_expert_groups", _expert_groups_marker(cfg.moe.num_experts, layout.ep, name))
+            starts = expert_placement(cfg.moe.num_experts, layout.ep)
+            num_local = starts[layout.ep_rank + 1] - starts[layout.ep_rank]
+            model.add_module("_ds_expert_groups", _expert_groups_marker(cfg.moe.num_experts, num_local, layout.ep, name))
             groups = split_params_into_different_moe_groups_for_optimizer(groups)
         groups = [g for g in groups if g["params"]]
         client = build_adamw(groups, cfg)
