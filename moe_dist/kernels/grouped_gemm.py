@@ -209,12 +209,17 @@ def _grouped_gemm_kernel(
             xu = tl.load(x_ptrs + Dout * stride_xn, mask=mask, other=0.0).to(tl.float32)
         if DSCALE:  # d scale[n] = <dy_n @ w^T, act(x_n)>, this tile's share of the row sum
             part = tl.sum(acc * _act(xg, xu, EPI_ACT), axis=1)
-            tl.store(dscale_ptr + pid_n * N + rows, part, mask=row_ok)
+            # Offsets in int64, as the row offsets above: tiles x N passes 2^31 at 16.7M rows
+            # of width 8192. n_64 carries it to p * N below, p being a Python int when
+            # interpreted and an int32 when compiled.
+            rows_64 = rows.to(tl.int64)
+            n_64 = rows_64 * 0 + N
+            tl.store(dscale_ptr + pid_n.to(tl.int64) * N + rows_64, part, mask=row_ok)
             # The buffer has a row per tile of the narrowest config; clear the rows this
             # config leaves unused (an autotuning run of another config may have written them).
             if pid_n == 0:
                 for p in range(num_n, dscale_rows):
-                    tl.store(dscale_ptr + p * N + rows, tl.zeros((BLOCK_M,), tl.float32), mask=row_ok)
+                    tl.store(dscale_ptr + n_64 * p + rows_64, tl.zeros((BLOCK_M,), tl.float32), mask=row_ok)
     if SCALE:
         acc = acc * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     if C_IDX:  # scatter: row n lands in its assignment slot

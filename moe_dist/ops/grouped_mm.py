@@ -22,7 +22,10 @@ Backends (moe.grouped_mm):
            fast CPU implementation too (torch 2.13).
   triton - moe_dist/kernels: Triton grouped GEMMs with the gather/scatter fused; no host sync.
            CUDA; on CPU only under TRITON_INTERPRET=1 (the tests).
-  auto   - CUDA: torch._grouped_mm in bf16, loop otherwise. The Triton kernels are opt-in
+  auto   - CUDA: torch._grouped_mm in bf16, loop otherwise. (torch's fused kernel exists for
+           compute capability 9.x and 10.x, Hopper and Blackwell; on others torch loops over
+           the groups and reads the offsets on the host, pytorch issue #186620, as our loop
+           does.) The Triton kernels are opt-in
            (moe.grouped_mm=triton): on an H100 (docs/benchmarks.md) their fused expert MLP
            was 2.2-5.1x faster than the unfused torch path for MoEUT-like experts (387 x
            width 128) but slower for Mixtral-like ones (0.84x forward, 0.51x backward). With

@@ -78,7 +78,10 @@ class LoopExpertMLP(torch.autograd.Function):
         counts = tokens_per_expert_E.tolist()
         N, O = sum(counts), w_out_EFO.shape[2]
         h_NH = x.new_empty(N, w_in_EDH.shape[2])
-        out = x.new_zeros(n_out, O) if dst_N is not None else x.new_empty(N, O)
+        # A token's rows from different experts add in float32 (one index_add per expert
+        # would round bf16 after every expert), then round once: ops/combine.py's reason.
+        acc = torch.promote_types(x.dtype, torch.float32)
+        out = x.new_zeros(n_out, O, dtype=acc) if dst_N is not None else x.new_empty(N, O)
         for e, lo, hi in _bounds(counts):
             if hi == lo:
                 continue
@@ -88,10 +91,12 @@ class LoopExpertMLP(torch.autograd.Function):
             if scale_N is not None:
                 y_e.mul_(scale_N[lo:hi].to(y_e.dtype).unsqueeze(1))
             if dst_N is not None:
-                out.index_add_(0, dst_N[lo:hi], y_e)  # serial on CPU: deterministic
+                # One call per expert, whose rows go to distinct tokens: no two adds race,
+                # on CPU or CUDA, so the order (expert by expert) is fixed.
+                out.index_add_(0, dst_N[lo:hi], y_e.to(acc))
         ctx.save_for_backward(x, w_in_EDH, w_out_EFO, src_N, dst_N, scale_N, h_NH)
         ctx.counts, ctx.act = counts, act
-        return out
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dout):
@@ -100,11 +105,11 @@ class LoopExpertMLP(torch.autograd.Function):
         need_s = ctx.needs_input_grad[7]
         dout = dout.contiguous()
         dx = None
+        acc = torch.promote_types(x.dtype, torch.float32)  # bf16 rows sum in float32
         if need_x:
-            dx = torch.zeros_like(x) if src_N is not None else torch.empty_like(x)
+            dx = torch.zeros_like(x, dtype=acc) if src_N is not None else torch.empty_like(x)
         dw_in = torch.empty_like(w_in) if need_in else None
         dw_out = torch.empty_like(w_out) if need_out else None
-        acc = torch.promote_types(x.dtype, torch.float32)  # bf16 rows sum in float32
         dscale = torch.empty(h_NH.shape[0], dtype=acc, device=x.device) if need_s else None
         for e, lo, hi in _bounds(ctx.counts):
             if hi == lo:  # an expert with no rows: zero gradient
@@ -134,9 +139,11 @@ class LoopExpertMLP(torch.autograd.Function):
                 if src_N is None:
                     torch.mm(dh_e, w_in[e].t(), out=dx[lo:hi])
                 else:
-                    dx.index_add_(0, src_N[lo:hi], dh_e @ w_in[e].t())
+                    dx.index_add_(0, src_N[lo:hi], (dh_e @ w_in[e].t()).to(acc))
         if dscale is not None:
             dscale = dscale.to(scale_N.dtype)
+        if dx is not None:
+            dx = dx.to(x.dtype)
         return dx, dw_in, dw_out, None, None, None, None, dscale, None
 
 
