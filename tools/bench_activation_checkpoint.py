@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from moe_dist.config import load_config  # noqa: E402
+from moe_dist.macs import vocab_size  # noqa: E402
 from moe_dist.models.transformer import LM, lm_loss  # noqa: E402
 
 MODES = ("none", "full")
@@ -34,7 +35,7 @@ MODES = ("none", "full")
 def build(config: str, mode: str, overrides: list[str], device: torch.device, vocab):
     cfg = load_config(config, [*overrides, f"train.activation_checkpoint={mode}"])
     torch.manual_seed(0)
-    return cfg, LM(cfg, vocab or cfg.data.vocab_size).to(device)
+    return cfg, LM(cfg, vocab or vocab_size(cfg)).to(device)  # the tokenizer's, as training's
 
 
 def step_fn(model, idx, dtype):
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     runs = {}
     for mode in MODES:
         cfg, model = build(a.config, mode, a.overrides, device, a.vocab)
-        idx = torch.randint(0, a.vocab or cfg.data.vocab_size, (a.batch, cfg.data.seq_len + 1), device=device)
+        idx = torch.randint(0, a.vocab or vocab_size(cfg), (a.batch, cfg.data.seq_len + 1), device=device)
         step = step_fn(model, idx, dtype)
         step()  # warm up (and, on CPU, keep MemTracker's first-call work out of the times)
         runs[mode] = {"step": step, "memory": peak_memory(step, model, device), "ms": []}

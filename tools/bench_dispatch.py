@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Time one MoE layer forward+backward at ep = 1, 2, 4 (gloo on CPU, nccl on GPU) and
-count the bytes each rank sends per routed token against the payload minimum.
+count the bytes each rank sends per routed assignment against the payload minimum.
 
     python tools/bench_dispatch.py                      # CPU, gloo, ep 1 2 4
     python tools/bench_dispatch.py --tokens 4096 --d-model 512 --experts 32 --ep 1 2
@@ -52,6 +52,11 @@ def _worker(rank, world, port, a, out):
     dtype = torch.bfloat16 if cuda else torch.float32
     x = torch.randn(1, a.tokens, a.d_model, device=device, generator=None).requires_grad_()
     times, sent, remote = [], 0, 0
+    starts = expert_placement(a.experts, world)
+    lo, hi = starts[layout.ep_rank], starts[layout.ep_rank + 1]
+    # The counts exchange: a count (int64) per expert, each to its expert's rank; this
+    # rank's own stay here.
+    counts_bytes = (a.experts - (hi - lo)) * 8 if world > 1 else 0
     for it in range(a.warmup + a.iters):
         if cuda:
             torch.cuda.synchronize()
@@ -66,13 +71,13 @@ def _worker(rank, world, port, a, out):
         if it >= a.warmup:
             times.append((time.perf_counter() - t0) * 1e3)
             others = [b for j, b in enumerate(aux.sent_bytes) if j != layout.ep_rank]
-            sent += sum(others) + (a.experts * 8 if world > 1 else 0)  # + the counts exchange
+            sent += sum(others) + counts_bytes
     # Assignments routed to experts on other ranks, from the last iteration's routing.
     expert_TK = layer.route(x.detach().view(-1, a.d_model))[0]
-    starts = expert_placement(a.experts, world)
-    lo, hi = starts[layout.ep_rank], starts[layout.ep_rank + 1]
     remote = int(((expert_TK < lo) | (expert_TK >= hi)).sum())
-    out.put((rank, statistics.median(times), sent / a.iters, remote, expert_TK.numel(), x.element_size()))
+    # Rows travel in the compute dtype: bf16 under CUDA autocast (moe/experts.py: autocast_input).
+    row_bytes = dtype.itemsize if cuda else x.element_size()
+    out.put((rank, statistics.median(times), sent / a.iters, remote, expert_TK.numel(), row_bytes))
     if world > 1:
         dist.destroy_process_group()
         # No interpreter finalization while `layer` still owns the ep group: its gloo worker

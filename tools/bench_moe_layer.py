@@ -256,10 +256,14 @@ def main() -> None:
             dist.barrier()
             syncs = "-"  # CPU: nothing to wait for
             if cuda:
+                # The step's own peak, above what is resident: every compared layer's weights
+                # and gradients stay allocated (as cpu_peak_bytes counts only the step's bytes).
+                sync()
+                resident = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
                 step(n, pick=True)
                 sync()
-                peak = torch.cuda.max_memory_allocated()
+                peak = torch.cuda.max_memory_allocated() - resident
                 syncs = str(count_syncs(lambda: step(n)))  # its own step: pick reads the host
                 sync()
             else:

@@ -3,7 +3,7 @@
 on the embedded corpus for one token budget, and write the comparison to docs/results.md.
 
     python tools/compare_models.py                 # scale "cpu": 17-19 min on 2 cores
-    python tools/compare_models.py --quick         # scale "quick": about 1 min, a smoke run
+    python tools/compare_models.py --quick         # scale "quick": about 45 s, a smoke run
     python tools/compare_models.py --scale gpu     # larger settings (the default on CUDA)
     python tools/compare_models.py --seeds 2       # every model with seeds 0 and 1: means and spread
 
@@ -338,7 +338,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scale", choices=sorted(SCALES), default=None,
                    help="settings (default: gpu when CUDA is available, else cpu)")
-    p.add_argument("--quick", action="store_true", help="the 'quick' scale: a smoke run of about a minute")
+    p.add_argument("--quick", action="store_true", help="the 'quick' scale: a smoke run of about 45 s")
     p.add_argument("--models", default=",".join(m.name for m in MODELS),
                    help="comma-separated subset (dense is always trained: it is the reference)")
     p.add_argument("--work-dir", default=None, help="run directories (default runs/compare_<scale>)")

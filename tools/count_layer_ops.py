@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     p.add_argument("--d-expert", type=int, default=F)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--list", metavar="LAYER", help="print this layer's ops in order (gpu path)")
+    p.add_argument("--list", metavar="LAYER", choices=list(LAYERS), help="print this layer's ops in order (gpu path)")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
     T, D, F = a.tokens, a.d_model, a.d_expert

@@ -23,7 +23,9 @@ def main(argv=None) -> int:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--context", type=int, default=None, help="context length T (default data.seq_len)")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # overrides before or after --context
+    if a.context is not None and a.context < 1:
+        p.error(f"--context must be >= 1, got {a.context}")
     try:
         cfg = load_config(a.config, a.overrides)
     except MoeDistError as e:
