@@ -286,3 +286,7 @@ def test_traffic_report(moe_run, tmp_path):
     missing = subprocess.run([sys.executable, "tools/traffic_report.py", str(tmp_path / "nope")], cwd=REPO,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "nope/tb does not exist" in missing.stderr
+    # An --out whose directory is missing is refused before the report is built.
+    p = subprocess.run([sys.executable, "tools/traffic_report.py", str(moe_run), "--out", str(tmp_path / "nope" / "x.png")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and f"--out {tmp_path / 'nope' / 'x.png'}: its directory does not exist" in p.stderr

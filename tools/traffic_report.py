@@ -118,8 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=3, help="hottest/coldest experts to list per layer")
     a = p.parse_args(argv)
     out = a.out or os.path.join(a.run_dir, "traffic_report.png")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):  # before the work, not at savefig
-        p.error(f"--out {out}: its directory does not exist")
+    if a.out and not os.path.isdir(os.path.dirname(os.path.abspath(a.out))):  # before the work, not at savefig
+        p.error(f"--out {a.out}: its directory does not exist")
     print("\n".join(report(a.run_dir, out, a.top)))
     return 0
 
