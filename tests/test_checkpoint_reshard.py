@@ -11,7 +11,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import REPO, TINY
 from dist_utils import run_train
@@ -69,6 +71,13 @@ def test_resume_at_another_expert_parallel_layout(tmp_path):
     weights = load_file(out / "model.safetensors")
     assert weights["blocks.0.ffn.experts.w_in_EDH"].shape[0] == 6
     assert weights["blocks.0.attn.experts_v.w_GIO"].shape[0] == 6
+    # Every tensor equals the checkpoint's own entries, the experts stacked in global-id
+    # order from the 4 uneven shards (read here through DCP's own converter).
+    dcp_to_torch_save(step6, tmp_path / "flat.pt")
+    flat = torch.load(tmp_path / "flat.pt", weights_only=False)
+    for name, t in weights.items():
+        experts = [flat[f"model.{name}@{g}"] for g in range(t.shape[0])] if f"model.{name}@0" in flat else None
+        assert torch.equal(t, torch.stack(experts) if experts else flat[f"model.{name}"]), name
     model = LM(load_config(str(out / "config.yaml")), weights["embed.weight"].shape[0], ParallelLayout.single())
     model.load_state_dict(weights, strict=True)
 

@@ -142,7 +142,7 @@ def test_routing_noise_gives_eager_masks_compiled_in_one_graph(config):
 
     compiled = torch.compile(block, backend=counting)
     got = _run(compiled, x, noise_L2[0])
-    for g, e in zip(got[:2] + tuple(got[2]), eager[:2] + tuple(eager[2])):
+    for g, e in zip(got[:2] + tuple(got[2]), eager[:2] + tuple(eager[2]), strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for noise_2 in (noise_L2[1], noise_for(step_keys(0, 4, 1), 96, torch.device("cpu"))[0]):
@@ -335,7 +335,7 @@ def test_compiled_block_under_activation_checkpointing_gives_eager_numbers(balan
             return checkpoint_block(self.inner, *args)
 
     got = run(Checkpointed(torch.compile(block, backend="aot_eager")))
-    for g, e in zip(got[:2] + tuple(got[2]), eager[:2] + tuple(eager[2])):
+    for g, e in zip(got[:2] + tuple(got[2]), eager[:2] + tuple(eager[2]), strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
     assert torch.equal(got[-1], eager[-1]) and (eager[-1].sum() > 0) == balance
     assert counters["stats"]["unique_graphs"] == (2 if balance else 1)

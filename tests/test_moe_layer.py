@@ -217,7 +217,16 @@ def test_all_tokens_dropped_gives_zero_output_and_grads():
     y, aux = layer(x)  # all ties -> expert 0, capacity 1 -> 4 of 5 dropped
     assert aux.dropped.item() == 4 and aux.tokens_per_expert.tolist() == [5, 0, 0, 0]
     y.sum().backward()
+    # The kept token (the first: position priority) has an output; the dropped ones are
+    # exactly zero, and so are their input gradients.
+    assert y[0, 0].abs().sum() > 0 and torch.equal(y[0, 1:], torch.zeros_like(y[0, 1:]))
+    assert x.grad[0, 0].abs().sum() > 0 and torch.equal(x.grad[0, 1:], torch.zeros_like(x.grad[0, 1:]))
     assert layer.experts.w_in_EDH.grad[1:].abs().sum().item() == 0  # experts without tokens
+    # Expert 0's gradient is the kept token's alone: the same layer, dropless, on that token.
+    alone = make_layer(4, 1, None)
+    alone.load_state_dict(layer.state_dict())
+    alone(x.detach()[:, :1])[0].sum().backward()
+    torch.testing.assert_close(layer.experts.w_in_EDH.grad, alone.experts.w_in_EDH.grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -233,7 +242,10 @@ def test_grouped_mm_backends_agree(dtype):
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
         torch.testing.assert_close(y.double(), ref, **tol)
         y.sum().backward()  # stride-0 incoming gradient: the case torch._grouped_mm rejects
-        assert wb.grad[1].abs().sum().item() == 0 and xb.grad.shape == x.shape
+        dx_ref, dw_ref = torch.autograd.grad(grouped_mm_reference(x.double(), w.double(), counts).sum(), [x, w])
+        torch.testing.assert_close(xb.grad.double(), dx_ref.double(), **tol)
+        torch.testing.assert_close(wb.grad.double(), dw_ref.double(), **tol)
+        assert wb.grad[1].abs().sum().item() == 0
 
 
 def test_grouped_mm_torch_backend_refuses_unaligned():

@@ -121,10 +121,16 @@ def test_switch_loss_uniform_equals_one_and_grows_with_imbalance():
 
 
 def test_lb_loss_gradient_flows_through_probabilities_only():
-    logits = torch.randn(6, 3, requires_grad=True)
+    """d/dlogits of E * sum_i f_i P_i with the fraction f_i held constant (a count)."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     e, _, p = topk_softmax(logits, 1)
     switch_load_balancing_loss(p, e).backward()
-    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    ref_logits = logits.detach().clone().requires_grad_()
+    f = torch.bincount(e.reshape(-1), minlength=3).double() / 6  # no gradient
+    (3 * (f * torch.softmax(ref_logits, -1).mean(0)).sum()).backward()
+    assert ref_logits.grad.abs().sum() > 0
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_z_loss_hand_computed():
