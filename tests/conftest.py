@@ -77,12 +77,24 @@ def python_cmd(*args):
     return [sys.executable, *args]
 
 
+def _arg(func, args, kwargs, name):
+    """The value of `func`'s argument `name`, passed by position or keyword (None if not)."""
+    for i, a in enumerate(func._schema.arguments):
+        if a.name == name:
+            return kwargs.get(name, args[i] if i < len(args) else None)
+    return None
+
+
 class HostReads(TorchDispatchMode):
     """Records every read of a tensor's values on the host: .item() / int() (aten's
     _local_scalar_dense), nonzero (sized by its values) and .tolist(), which on CPU reads
-    memory without dispatching and is counted by patching it. On a GPU each is a sync."""
+    memory without dispatching and is counted by patching it. On a GPU each is a sync.
+    Also the ops whose output size comes from the values (a GPU syncs for them too, while
+    a CPU kernel reads them unseen): repeat_interleave without output_size, bincount,
+    masked_select, unique, and indexing by a boolean mask."""
 
     READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+    SIZED_BY_VALUES = {"bincount", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
 
     def __enter__(self):
         self.reads, self._tolist = [], torch.Tensor.tolist
@@ -94,6 +106,14 @@ class HostReads(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.READS:
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if func in self.READS or name in self.SIZED_BY_VALUES:
             self.reads.append(func.__name__)
-        return func(*args, **(kwargs or {}))
+        elif name == "repeat_interleave" and _arg(func, args, kwargs, "output_size") is None:
+            self.reads.append("repeat_interleave")
+        elif name in ("index", "index_put", "index_put_", "_index_put_impl_") and any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in (args[1] or ())
+        ):
+            self.reads.append(f"{name}[mask]")
+        return func(*args, **kwargs)

@@ -42,3 +42,29 @@ def test_an_environment_read_at_import_is_refused():
             f"TRITON_INTERPRET={other!r}, but the forked ranks imported torch, triton and DeepSpeed under "
             f"TRITON_INTERPRET={server!r} (tests/dist_utils.py): run this test in a subprocess")):  # fmt: skip
         run_train(1, ["train.max_steps=1"], env=dict(os.environ, TRITON_INTERPRET=other))
+
+
+def test_host_reads_records_every_kind_of_read():
+    """conftest.HostReads, which the one-read-per-step tests rely on, sees the ops a GPU
+    syncs for even where a CPU kernel reads the values unseen; not the ones it does not."""
+    import torch
+
+    from conftest import HostReads
+
+    c, x = torch.tensor([1, 2, 0]), torch.randn(5)
+    with HostReads() as h:
+        torch.repeat_interleave(torch.arange(3), c)
+        torch.bincount(c)
+        x[x > 0]
+        torch.masked_select(x, x > 0)
+        torch.unique(c)
+        c.tolist()
+        c.sum().item()
+        x.nonzero()
+    assert h.reads == ["repeat_interleave", "bincount.default", "index[mask]", "masked_select.default",
+                       "_unique2.default", "tolist", "_local_scalar_dense.default", "nonzero.default"]
+    with HostReads() as h:  # sized without looking at values
+        torch.repeat_interleave(torch.arange(3), c, output_size=3)
+        x[torch.tensor([0, 2])]
+        torch.zeros(3).scatter_add_(0, c, torch.ones(3))
+    assert h.reads == []

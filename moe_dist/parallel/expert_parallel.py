@@ -90,7 +90,9 @@ class ExpertParallel:
         if key not in self._owner_cache:
             starts = expert_placement(num_experts, self.size)
             sizes = torch.tensor([b - a for a, b in zip(starts, starts[1:])], device=device)
-            self._owner_cache[key] = torch.repeat_interleave(torch.arange(self.size, device=device), sizes)
+            self._owner_cache[key] = torch.repeat_interleave(  # output_size: no host read
+                torch.arange(self.size, device=device), sizes, output_size=num_experts
+            )
         return self._owner_cache[key]
 
     # -- statistics ----------------------------------------------------------------------
