@@ -88,8 +88,11 @@ def test_backends_match_one_process(backend, one_process, tmp_path):
         # Half of the 25,152 dense elements on rank 0; its 12,288-element expert shard whole.
         assert ("deepspeed: ZeRO stage 3, fp32, world 2; dense parameters partitioned: 12576 of 25152 elements "
                 "on rank 0; expert shard of 12288 elements (ep=2, outside ZeRO") in p.stdout
-    else:
-        assert f"ZeRO stage {backend[4]}" in p.stdout and "(ep=2, DeepSpeed expert parameters)" in p.stdout
+    else:  # the stage as the engine reports it; ZeRO-1/2 partition the fp32 master weights:
+        # half of the 25,152 dense elements plus the 12,288-element expert shard whole
+        # (its expert-data-parallel group is this one rank).
+        assert f"ZeRO stage {backend[4]}, fp32, world 2" in p.stdout and "(ep=2, DeepSpeed expert parameters)" in p.stdout
+        assert ("fp32 master partition of 24864 elements on rank 0" in p.stdout) == (backend != "zero0")
     assert ("train.activation_checkpoint=full" in p.stdout) == backend.endswith("_recompute")
     if backend.startswith("zero"):  # DeepSpeed's CPU shm all-reduce op was neither built nor loaded
         assert "shm_comm" not in p.stdout + p.stderr
@@ -103,9 +106,11 @@ def test_dp_x_ep_with_accumulation_and_offload(tmp_path):
     ref = rows(tmp_path / "torch")
     ok(torchrun(4, tmp_path / "fsdp", *common, "train.fsdp=true"))
     assert_close(ref, rows(tmp_path / "fsdp"))
-    ok(torchrun(4, tmp_path / "z2", *common, "train.backend=deepspeed", "deepspeed.zero_stage=2",
-                "deepspeed.offload_optimizer=true"))
+    p = ok(torchrun(4, tmp_path / "z2", *common, "train.backend=deepspeed", "deepspeed.zero_stage=2",
+                    "deepspeed.offload_optimizer=true"))
     assert_close(ref, rows(tmp_path / "z2"))
+    # A quarter of the dense 25,152 elements and half of the 12,288-element expert shard.
+    assert "ZeRO stage 2, fp32, world 4, optimizer state on the CPU; fp32 master partition of 12432 elements" in p.stdout
     ok(torchrun(4, tmp_path / "z3", *common, "train.backend=deepspeed", "deepspeed.zero_stage=3"))
     assert_close(ref, rows(tmp_path / "z3"))
 

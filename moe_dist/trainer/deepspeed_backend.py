@@ -285,9 +285,17 @@ class DeepSpeedBackend:
         self.summary = self._summary(experts, bf16)
 
     def _summary(self, experts: list[torch.Tensor], bf16: bool) -> str:
-        """One line for the log: what ZeRO holds on this rank."""
+        """One line for the log: what ZeRO holds on this rank, as the engine reports it (not
+        the config that asked for it)."""
         n_expert = sum(p.numel() for p in experts)
-        text = f"deepspeed: ZeRO stage {self.stage}, {'bf16' if bf16 else 'fp32'}, world {self.layout.world_size}"
+        stage = self.engine.zero_optimization_stage()
+        text = f"deepspeed: ZeRO stage {stage}, {'bf16' if bf16 else 'fp32'}, world {self.layout.world_size}"
+        if self.engine.zero_offload_optimizer():
+            text += ", optimizer state on the CPU"
+        # ZeRO-1/2: this rank's slice of the fp32 master weights (and so of AdamW's moments).
+        master = getattr(self.optimizer, "single_partition_of_fp32_groups", None)
+        if stage in (1, 2) and master is not None:
+            text += f"; fp32 master partition of {sum(t.numel() for t in master)} elements on rank {self.layout.rank}"
         if self.stage == 3:
             dense = list(self.model.parameters())
             local = sum(p.ds_tensor.numel() for p in dense)
