@@ -94,6 +94,8 @@ def test_backends_match_one_process(backend, one_process, tmp_path):
         assert f"ZeRO stage {backend[4]}, fp32, world 2" in p.stdout and "(ep=2, DeepSpeed expert parameters)" in p.stdout
         assert ("fp32 master partition of 24864 elements on rank 0" in p.stdout) == (backend != "zero0")
     assert ("train.activation_checkpoint=full" in p.stdout) == backend.endswith("_recompute")
+    if backend.endswith("_recompute"):  # counted where it happens: 2 blocks x 10 steps
+        assert "train.activation_checkpoint=full: 20 block forward(s) ran again in the backward" in p.stdout
     if backend.startswith("zero"):  # DeepSpeed's CPU shm all-reduce op was neither built nor loaded
         assert "shm_comm" not in p.stdout + p.stderr
 

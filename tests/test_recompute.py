@@ -139,6 +139,9 @@ def test_ep2_training_is_bit_identical(case, tmp_path):
         assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
         layers = 4 if case.startswith("moeut") else 2
         assert (f"train.activation_checkpoint=full: {layers} block application(s)" in p.stdout) == (ac == "full")
+        # The recomputes happened: layers x micro-batches x 4 steps (1 or 2 micro-batches).
+        reruns = layers * (2 if case.startswith("moeut") else 1) * 4
+        assert (f"full: {reruns} block forward(s) ran again in the backward" in p.stdout) == (ac == "full")
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             runs[ac] = [json.loads(line) for line in f]
     keep = ("step", "loss", "lm_loss", "aux_loss", "grad_norm", "val_loss")

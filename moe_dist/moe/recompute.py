@@ -39,13 +39,23 @@ runs one recompute at a time; a model spread over devices, whose backward thread
 recompute at once, would need a per-thread flag."""
 
 
+_RECOMPUTES = 0
+"""Recomputes started in this process: the trainer reports them, so a run shows that its
+blocks did run again (eager; under torch.compile the recompute is inside the graph)."""
+
+
 def recomputing() -> bool:
     return _RECOMPUTING
 
 
+def recompute_count() -> int:
+    return _RECOMPUTES
+
+
 @contextlib.contextmanager
 def _recompute_context():
-    global _RECOMPUTING
+    global _RECOMPUTING, _RECOMPUTES
+    _RECOMPUTES += 1
     previous, _RECOMPUTING = _RECOMPUTING, True
     try:
         yield

@@ -37,6 +37,7 @@ from moe_dist.models.transformer import LM, lm_loss
 from moe_dist.parallel.layout import ParallelLayout, env_from_mpi
 from moe_dist.moe.experts import expert_stacks
 from moe_dist.moe.noise import noise_for, step_keys
+from moe_dist.moe.recompute import recompute_count
 from moe_dist.trainer import checkpoint as ckpt
 from moe_dist.trainer.backends import build_backend, load_scheduler
 from moe_dist.trainer.metrics import MetricsLogger
@@ -648,6 +649,7 @@ class Trainer:
         if self.step >= c.train.max_steps:
             log(f"nothing to train: the run is at step {self.step} and train.max_steps={c.train.max_steps}")
         data = iter(self.train_loader)
+        recomputes = recompute_count()
         while self.step < c.train.max_steps:
             t0 = time.perf_counter()
             row = self.train_step(next(data) for _ in range(c.train.grad_accum_steps))
@@ -688,6 +690,9 @@ class Trainer:
         self.finish_pending_save()
         if progress is not None:
             progress.close()
+        if c.train.activation_checkpoint == "full" and not c.train.compile:
+            log(f"train.activation_checkpoint=full: {recompute_count() - recomputes} block forward(s) ran again "
+                "in the backward on rank 0")
 
     def close(self) -> None:
         if self.metrics is not None:
