@@ -153,9 +153,7 @@ def test_loop_sums_a_tokens_bf16_rows_in_float32_like_the_torch_path():
     T, K, E = 512, 8, 8
     g = torch.Generator().manual_seed(0)
     x, w_in, w_out = torch.randn(T, 64, generator=g), torch.randn(E, 64, 128, generator=g) / 8, torch.randn(E, 128, 64, generator=g) / 11
-    expert_TK = torch.rand(T, E, generator=g).topk(K, dim=1).indices
-    slot_N = expert_TK.reshape(-1).argsort(stable=True)
-    counts_E = torch.bincount(expert_TK.reshape(-1), minlength=E)
+    slot_N, counts_E = routed(T, K, E, empty=())
     weight = torch.rand(T * K, generator=g).index_select(0, slot_N)
     dy = torch.randn(T, 64, generator=g)
     ref = leaves(x.double())[0]

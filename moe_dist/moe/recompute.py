@@ -14,8 +14,8 @@ under DDP, FSDP2, ZeRO-3 and torch.compile). What a routed block needs besides
   row (moe/noise.py), torch restores the RNG state for model.dropout, and the FFN router's
   input x + attention(x) repeats bit for bit because nothing in the attention sums floats
   through indices in an order-dependent way (CUDA atomics add in another order every run;
-  SwitchHead sums slots instead, ops/combine.py). A near-tie routed elsewhere in the recompute would give other gradients,
-  or torch's metadata error once a shape changes. Replaying the forward's routing instead
+  SwitchHead sums slots instead, ops/combine.py). A near-tie routed elsewhere in the
+  recompute would give other gradients, or torch's metadata error once a shape changes. Replaying the forward's routing instead
   (NeMo-Automodel saves the router's top-k) would not need that determinism, but a replay
   list read inside a compiled block makes dynamo guard on Python state.
 - Forward side effects once: the aux-loss-free balancing counts (BalanceBias.observe) skip

@@ -18,9 +18,9 @@ Why not `new_zeros(T, F).index_add(0, slot_N // per_row, y_NF)`, the usual one-l
    at K = 16 (MoEUT's k).
 Here no two rows share a slot (index_copy writes each once) and one reduction sums a
 row's slots in fp32: deterministic, one rounding. With two slots per row and no weights,
-index_add is both already (0 + a + b = a + b in any order), so it stays. The price is a buffer of M rows, the
-size of y_NF when nothing is dropped. The Triton kernels combine the same way
-(ops/grouped_mm.py: the scatter writes slots, sum_slots adds them).
+index_add is both already (0 + a + b = a + b in any order), so it stays. The price is a
+buffer of M rows, the size of y_NF when nothing is dropped. The Triton kernels combine the
+same way (ops/grouped_mm.py: the scatter writes slots, sum_slots adds them).
 """
 
 from __future__ import annotations

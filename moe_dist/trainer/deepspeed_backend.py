@@ -40,8 +40,9 @@ import torch.distributed as dist
 from moe_dist.config import Config
 from moe_dist.errors import ConfigError, LaunchError
 from moe_dist.moe.experts import is_expert_param
+from moe_dist.parallel.expert_parallel import ExpertParallel
 from moe_dist.parallel.grads import clip_grad_norm, reduce_expert_gradients
-from moe_dist.parallel.layout import ParallelLayout, expert_placement
+from moe_dist.parallel.layout import ParallelLayout
 from moe_dist.trainer import sharded_state
 from moe_dist.trainer.backends import build_adamw, build_scheduler, param_groups
 
@@ -269,9 +270,8 @@ class DeepSpeedBackend:
             name = _register_groups(layout)
             for p in experts:
                 p.allreduce, p.group_name = False, name
-            starts = expert_placement(cfg.moe.num_experts, layout.ep)
-            num_local = starts[layout.ep_rank + 1] - starts[layout.ep_rank]
-            model.add_module("_ds_expert_groups", _expert_groups_marker(cfg.moe.num_experts, num_local, layout.ep, name))
+            lo, hi = ExpertParallel(layout).local_range(cfg.moe.num_experts)
+            model.add_module("_ds_expert_groups", _expert_groups_marker(cfg.moe.num_experts, hi - lo, layout.ep, name))
             groups = split_params_into_different_moe_groups_for_optimizer(groups)
         groups = [g for g in groups if g["params"]]
         client = build_adamw(groups, cfg)
@@ -296,13 +296,13 @@ class DeepSpeedBackend:
         master = getattr(self.optimizer, "single_partition_of_fp32_groups", None)
         if stage in (1, 2) and master is not None:
             text += f"; fp32 master partition of {sum(t.numel() for t in master)} elements on rank {self.layout.rank}"
-        if self.stage == 3:
+        if stage == 3:
             dense = list(self.model.parameters())
             local = sum(p.ds_tensor.numel() for p in dense)
             total = sum(p.ds_numel for p in dense)
             text += f"; dense parameters partitioned: {local} of {total} elements on rank {self.layout.rank}"
         if experts:
-            where = "outside ZeRO, trained by their own AdamW" if self.stage == 3 else "DeepSpeed expert parameters"
+            where = "outside ZeRO, trained by their own AdamW" if stage == 3 else "DeepSpeed expert parameters"
             text += f"; expert shard of {n_expert} elements (ep={self.layout.ep}, {where})"
         return text
 

@@ -3,8 +3,8 @@
 On resume from step s, rows after s (written by the run that crashed after its last
 checkpoint) are removed from metrics.jsonl and TensorBoard is told to purge events after s,
 so the files read as one uninterrupted run. A resume by path that rolls a run back
-(keep_dropped) keeps the abandoned branch's rows in metrics.jsonl.abandoned. A fresh start in a used run directory empties
-metrics.jsonl and removes the old TensorBoard event files.
+(keep_dropped) keeps the abandoned branch's rows in metrics.jsonl.abandoned. A fresh start
+in a used run directory empties metrics.jsonl and removes the old TensorBoard event files.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ class MetricsLogger:
         self.tb_dir = os.path.join(run_dir, "tb")
         self.unreadable_rows = 0
         """Rows dropped on resume because they were not JSON (a crash mid-append)."""
-        self.keep_dropped = keep_dropped
         self.dropped_to: Optional[str] = None
         """Where the rows after the resumed step went (keep_dropped), if there were any."""
         if resume_step is None:  # a fresh run: the run directory's logs start over
@@ -37,7 +36,7 @@ class MetricsLogger:
                     if name.startswith("events.out.tfevents."):
                         os.remove(os.path.join(self.tb_dir, name))
         else:
-            self._truncate_after(resume_step)
+            self._truncate_after(resume_step, keep_dropped)
         self._file = open(self.path, "a")
         self.tb = None
         self._layout_written = False
@@ -47,7 +46,7 @@ class MetricsLogger:
             purge = None if resume_step is None else resume_step + 1
             self.tb = SummaryWriter(self.tb_dir, purge_step=purge)
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate_after(self, step: int, keep_dropped: bool) -> None:
         if not os.path.exists(self.path):
             return
         kept, dropped = [], []
@@ -64,7 +63,7 @@ class MetricsLogger:
                     self.unreadable_rows += 1
                     continue
                 (kept if row_step <= step else dropped).append(line if line.endswith("\n") else line + "\n")
-        if dropped and self.keep_dropped:
+        if dropped and keep_dropped:
             aside = aside_name(self.path, "abandoned")
             with open(aside, "w") as f:
                 f.writelines(dropped)

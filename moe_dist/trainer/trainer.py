@@ -312,9 +312,9 @@ class Trainer:
         self.metrics = None
         if self.is_main:
             dump_config(cfg, os.path.join(self.run_dir, "config.yaml"))
-            rollback = cfg.train.resume not in ("none", "auto")
             self.metrics = MetricsLogger(
-                self.run_dir, cfg.logging.tensorboard, self.step if self.resume_path else None, keep_dropped=rollback
+                self.run_dir, cfg.logging.tensorboard, self.step if self.resume_path else None,
+                keep_dropped=self._resume_by_path(),  # a rollback's rows: kept aside (see below)
             )
             if self.metrics.dropped_to is not None:
                 self.log(f"metrics.jsonl: the rows after step {self.step} moved to {self.metrics.dropped_to}")
@@ -375,13 +375,16 @@ class Trainer:
                 f"write over: set train.resume=auto to continue it, or use another run.dir, or delete {self.run_dir}"
             )
 
+    def _resume_by_path(self) -> bool:
+        return self.cfg.train.resume not in ("none", "auto")
+
     def _set_aside_later_checkpoints(self, step: int) -> None:
         """train.resume=<path> of step s, in a run.dir holding checkpoints after s, rolls
         the run back (past a loss spike, say). The later ones are the abandoned branch's:
         left in place, keep_last would prune the new branch's checkpoints in their favour and
         a later train.resume=auto would continue the abandoned run. They are renamed
         step_N.abandoned (never deleted), before any work; all ranks hear of a failure."""
-        if self.cfg.train.resume in ("none", "auto"):
+        if not self._resume_by_path():
             return
         error = None
         if self.is_main:
